@@ -1,0 +1,271 @@
+"""Typed, validated run configuration: YAML file + dotted command-line overrides.
+
+Modelled on LightningCLI's ``--config`` / ``--section.key value`` / ``--print_config``
+but kept to plain dataclasses so that every error names the offending key and
+no traceback reaches the user. The resolved config is written next to each
+run's outputs (``config.yaml``), and a run can be reproduced from it alone.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user can fix; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    """Where the images are and how they are split and loaded."""
+
+    root: str = "data/sample"
+    class_names: list[str] = field(default_factory=lambda: ["Negative", "Positive"])  # [no crack, crack]
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    seed: int = 42
+    batch_size: int = 32
+    num_workers: int = 2
+    prefetch_factor: int = 2
+    bad_images: Literal["skip", "error"] = "skip"
+    max_per_class: int = 0  # 0 = all; >0 takes a seeded subset per class (quick experiments)
+    augment: Literal["none", "light", "strong"] = "light"
+
+
+@dataclass
+class ModelConfig:
+    """Backbone, where its weights come from, and the head."""
+
+    backbone: str = "tf_efficientnet_lite0"
+    pretrained: Literal["timm", "lite0", "none"] = "lite0"
+    weights_file: str | None = None
+    drop_rate: float = 0.2
+    image_size: int = 0  # 0 = the backbone's own input size from timm's data config
+
+
+@dataclass
+class StageConfig:
+    """One training stage. ``epochs: 0`` switches the stage off."""
+
+    epochs: int = 5
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    patience: int = 3
+
+
+@dataclass
+class TrainConfig:
+    """The two-stage transfer-learning recipe (frozen backbone, then fine-tuning)."""
+
+    frozen: StageConfig = field(default_factory=lambda: StageConfig(epochs=10, lr=1e-3))
+    finetune: StageConfig = field(default_factory=lambda: StageConfig(epochs=0, lr=1e-4))
+    cache_features: bool = False  # frozen stage: run the backbone once, train the head on stored features
+    label_smoothing: float = 0.0
+    monitor: Literal["val_loss", "val_f1", "val_acc"] = "val_loss"
+    threshold_rule: Literal["f1", "fixed"] = "f1"  # how the decision threshold is chosen on validation
+
+
+@dataclass
+class TrainerConfig:
+    """Arguments passed through to ``lightning.Trainer``."""
+
+    accelerator: str = "auto"
+    max_epochs: int = 0  # > 0 caps the epochs of every stage (quick runs: --trainer.max_epochs 3)
+    devices: Union[int, str] = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    num_nodes: int = 1
+    log_every_n_steps: int = 10
+    limit_train_batches: Union[int, float] = 1.0
+    limit_val_batches: Union[int, float] = 1.0
+    limit_test_batches: Union[int, float] = 1.0
+    deterministic: bool = False
+    enable_progress_bar: bool = True
+
+
+@dataclass
+class Config:
+    """A whole run."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    output_dir: str = "runs"
+    run_name: str = ""  # "" = a timestamped name
+    seed: int = 42
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; convert only where lossless."""
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        errors = []
+        for arm in get_args(tp):
+            try:
+                return _coerce(value, arm, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{key}: {value!r} is not a valid {_type_name(tp)}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{key}: expected null, got {value!r}")
+    if origin is Literal:
+        if value in get_args(tp):
+            return value
+        raise ConfigError(f"{key}: {value!r} is not one of {list(get_args(tp))}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (arm,) = get_args(tp)
+        return [_coerce(v, arm, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return _build(tp, value, key + ".")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int) and not isinstance(value, bool):  # --run_name 2024
+            return str(value)
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in names:
+            raise ConfigError(f"unknown config key '{prefix}{key}' (valid keys here: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def _validate(cfg: Config) -> None:
+    d = cfg.data
+    if len(d.class_names) != 2 or len(set(d.class_names)) != 2:
+        raise ConfigError(f"data.class_names: need two different names [no-crack, crack], got {d.class_names}")
+    for key in ("val_fraction", "test_fraction"):
+        v = getattr(d, key)
+        if not 0.0 <= v < 1.0:
+            raise ConfigError(f"data.{key}: must be in [0, 1), got {v}")
+    if d.val_fraction + d.test_fraction >= 1.0:
+        raise ConfigError("data.val_fraction + data.test_fraction must leave images for training (< 1)")
+    positive = {
+        "data.batch_size": d.batch_size, "data.prefetch_factor": d.prefetch_factor,
+        "train.frozen.lr": cfg.train.frozen.lr, "train.finetune.lr": cfg.train.finetune.lr,
+    }
+    for key, v in positive.items():
+        if v <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {v}")
+    non_negative = {
+        "data.num_workers": d.num_workers, "data.max_per_class": d.max_per_class,
+        "train.frozen.epochs": cfg.train.frozen.epochs, "train.finetune.epochs": cfg.train.finetune.epochs,
+        "model.image_size": cfg.model.image_size, "trainer.max_epochs": cfg.trainer.max_epochs,
+    }
+    for key, v in non_negative.items():
+        if v < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {v}")
+    if not 0.0 <= cfg.train.label_smoothing < 0.5:
+        raise ConfigError(f"train.label_smoothing: must be in [0, 0.5), got {cfg.train.label_smoothing}")
+
+
+def from_dict(values: dict) -> Config:
+    """Build and validate a :class:`Config` from a (nested) mapping."""
+    cfg = _build(Config, values or {})
+    _validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return values
+
+
+def _set_dotted(values: dict, dotted: str, raw: str) -> None:
+    """Apply ``--a.b.c VALUE``; the value is parsed as YAML (so ``3``, ``true``, ``[a, b]`` work)."""
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    parts = dotted.split(".")
+    node = values
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--{dotted}: '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
+    """Turn ``['--a.b', '1', '--c=2']`` into ``[('a.b', '1'), ('c', '2')]``."""
+    pairs = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfigError(f"unexpected argument {arg!r} (overrides look like --section.key value)")
+        key = arg[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"--{key} needs a value")
+            i += 1
+            value = args[i]
+        pairs.append((key, value))
+        i += 1
+    return pairs
+
+
+def load_config(path: str | Path | None = None, overrides: list[tuple[str, str]] | None = None) -> Config:
+    """Load ``path`` (or the defaults), apply overrides, validate."""
+    values = load_yaml(path) if path else {}
+    for key, raw in overrides or []:
+        _set_dotted(values, key, raw)
+    return from_dict(values)

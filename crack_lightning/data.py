@@ -1,0 +1,263 @@
+"""Scan a labelled folder, split it without leaks, and serve it to Lightning.
+
+A data root is either ``root/<class>/...`` (split here: stratified, seeded,
+duplicate-aware) or ``root/{train,val,test}/<class>/...`` (split given). Files
+with identical bytes (same SHA-256) always land on the same side of the split:
+the public Mendeley release holds ~1,500 such groups and a naive split leaks
+them into the test set.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .config import DataConfig
+from .images import BadImageError, decode_image, is_image_file
+from .transforms import Preprocessing, eval_transform, train_transform
+
+SPLITS = ("train", "val", "test")
+
+
+class DataError(ValueError):
+    """A data set problem the user must fix; the message names it."""
+
+
+@dataclass
+class Record:
+    path: str
+    label: int
+    sha256: str
+    split: str = ""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files under ``folder`` (recursive), sorted for reproducibility."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p))
+
+
+def _class_dirs(root: Path, class_names: Sequence[str], where: str) -> list[Path]:
+    if not root.is_dir():
+        raise DataError(f"data root does not exist or is not a folder: {root}")
+    subdirs = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    missing = [c for c in class_names if c not in subdirs]
+    unknown = [d for d in subdirs if d not in class_names]
+    if missing:
+        raise DataError(
+            f"{where}: class folder(s) {missing} not found in {root} (found: {subdirs or 'no folders'}); "
+            f"set data.class_names to your folder names [no-crack, crack]"
+        )
+    if unknown:
+        raise DataError(f"{where}: unknown folder(s) {unknown} in {root}; expected only {list(class_names)}")
+    return [root / c for c in class_names]
+
+
+def scan(root: str | Path, class_names: Sequence[str], bad_images: str = "skip",
+         check_pixels: bool = True) -> tuple[list[Record], list[tuple[str, str]]]:
+    """List, hash and (optionally) decode-check every image under ``root``.
+
+    Returns the good records (``split`` filled when the root is pre-split) and
+    the bad files as ``(path, reason)``. With ``bad_images='error'`` the first
+    bad file stops the scan with a :class:`DataError`.
+    """
+    root = Path(root)
+    presplit = root.is_dir() and all((root / s).is_dir() for s in SPLITS)
+    parts = [(s, root / s) for s in SPLITS] if presplit else [("", root)]
+    files: list[tuple[Path, int, str]] = []
+    for split, folder in parts:
+        for label, cdir in enumerate(_class_dirs(folder, class_names, f"data.root{'/' + split if split else ''}")):
+            found = list_images(cdir)
+            if not found and (split in ("", "train")):
+                raise DataError(f"class folder {cdir} holds no images (.jpg, .png, ...)")
+            files += [(p, label, split) for p in found]
+    records, bad = [], []
+    for path, label, split in tqdm(files, desc="scanning images", unit="img", leave=False):
+        try:
+            if check_pixels:
+                decode_image(path)
+            digest = sha256_file(path)
+        except (BadImageError, OSError) as exc:
+            reason = str(exc) if isinstance(exc, BadImageError) else f"unreadable: {exc.strerror or exc}"
+            if bad_images == "error":
+                raise DataError(f"bad image {path}: {reason} (set data.bad_images: skip to skip such files)") from exc
+            bad.append((str(path), reason))
+            continue
+        records.append(Record(str(path), label, digest, split))
+    for label, name in enumerate(class_names):
+        if not any(r.label == label for r in records):
+            raise DataError(f"no usable images of class '{name}' under {root}: training needs both classes")
+    return records, bad
+
+
+def split_records(records: list[Record], val_fraction: float, test_fraction: float, seed: int) -> list[Record]:
+    """Assign ``train/val/test`` by whole duplicate groups, stratified by class, seeded.
+
+    Groups whose identical copies carry different labels are dropped (their
+    label is unknowable); the caller reports them.
+    """
+    groups: dict[str, list[Record]] = defaultdict(list)
+    for r in records:
+        groups[r.sha256].append(r)
+    rng = random.Random(seed)
+    out: list[Record] = []
+    for label in sorted({r.label for r in records}):
+        keys = sorted(k for k, g in groups.items() if {r.label for r in g} == {label})
+        rng.shuffle(keys)
+        total = sum(len(groups[k]) for k in keys)
+        targets = {"test": test_fraction * total, "val": val_fraction * total}
+        counts = {"test": 0, "val": 0}
+        for k in keys:
+            split = next((s for s in ("test", "val") if counts[s] < targets[s]), "train")
+            if split != "train":
+                counts[split] += len(groups[k])
+            for r in groups[k]:
+                r.split = split
+                out.append(r)
+    return sorted(out, key=lambda r: r.path)
+
+
+def label_conflicts(records: list[Record]) -> list[Record]:
+    """Records whose byte-identical copies appear under both classes."""
+    labels: dict[str, set[int]] = defaultdict(set)
+    for r in records:
+        labels[r.sha256].add(r.label)
+    return [r for r in records if len(labels[r.sha256]) > 1]
+
+
+def check_no_leak(records: list[Record]) -> None:
+    """Raise if any file content appears in two splits (also for user-given splits)."""
+    where: dict[str, set[str]] = defaultdict(set)
+    for r in records:
+        where[r.sha256].add(r.split)
+    leaks = [h for h, s in where.items() if len(s) > 1]
+    if leaks:
+        example = [r.path for r in records if r.sha256 == leaks[0]]
+        raise DataError(f"{len(leaks)} identical image(s) appear in more than one split, e.g. {example[:3]}")
+
+
+def write_split_csv(records: list[Record], path: Path, class_names: Sequence[str]) -> None:
+    from .io import atomic_write
+
+    with atomic_write(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "class_name", "split", "sha256"])
+        for r in records:
+            w.writerow([r.path, r.label, class_names[r.label], r.split, r.sha256])
+
+
+def read_split_csv(path: Path) -> list[Record]:
+    with open(path, newline="") as f:
+        return [Record(row["path"], int(row["label"]), row["sha256"], row["split"]) for row in csv.DictReader(f)]
+
+
+def subsample(records: list[Record], max_per_class: int, seed: int) -> list[Record]:
+    """A seeded subset of at most ``max_per_class`` images per class (0 = all)."""
+    if max_per_class <= 0:
+        return records
+    rng = random.Random(seed)
+    out = []
+    for label in sorted({r.label for r in records}):
+        mine = [r for r in records if r.label == label]
+        rng.shuffle(mine)
+        out += mine[:max_per_class]
+    return sorted(out, key=lambda r: r.path)
+
+
+class ImageDataset(Dataset):
+    """``(image tensor, label, index)`` for a list of records."""
+
+    def __init__(self, records: Sequence[Record], transform: Callable):
+        self.records = list(records)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int):
+        r = self.records[i]
+        image = decode_image(r.path)
+        return self.transform(image=image)["image"], torch.tensor(float(r.label)), i
+
+
+class TensorItems(Dataset):
+    """Pre-computed backbone features served like images: ``(feature, label, index)``."""
+
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor):
+        self.features, self.labels = features, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.features[i], self.labels[i], i
+
+
+class CrackDataModule(L.LightningDataModule):
+    """Loaders over a split table. Train gets augmentation; val/test/predict the eval transform."""
+
+    def __init__(self, cfg: DataConfig, records: list[Record], pre: Preprocessing):
+        super().__init__()
+        self.cfg, self.records, self.pre = cfg, records, pre
+        self.features: dict[str, TensorItems] = {}
+
+    def split(self, name: str) -> list[Record]:
+        return [r for r in self.records if r.split == name]
+
+    def dataset(self, name: str, augment: bool = False) -> Dataset:
+        if name in self.features:
+            return self.features[name]
+        tf = train_transform(self.pre, self.cfg.augment) if augment else eval_transform(self.pre)
+        return ImageDataset(self.split(name), tf)
+
+    def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
+        workers = 0 if isinstance(ds, TensorItems) else self.cfg.num_workers
+        pin = torch.cuda.is_available()
+        return DataLoader(
+            ds, batch_size=self.cfg.batch_size, shuffle=shuffle, num_workers=workers, pin_memory=pin,
+            persistent_workers=workers > 0, prefetch_factor=self.cfg.prefetch_factor if workers > 0 else None,
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("train", augment=True), shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("val"), shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("test"), shuffle=False)
+
+    def eval_loader(self, name: str) -> DataLoader:
+        """Images of split ``name`` with the eval transform, never cached features."""
+        return self._loader(ImageDataset(self.split(name), eval_transform(self.pre)), shuffle=False)
+
+
+def class_counts(records: list[Record]) -> dict[str, dict[int, int]]:
+    out: dict[str, dict[int, int]] = {}
+    for r in records:
+        out.setdefault(r.split, {}).setdefault(r.label, 0)
+        out[r.split][r.label] += 1
+    return out
+
+
+__all__ = [
+    "CrackDataModule", "DataError", "ImageDataset", "Record", "TensorItems", "check_no_leak", "class_counts",
+    "label_conflicts", "list_images", "read_split_csv", "scan", "split_records", "subsample", "write_split_csv",
+]

@@ -1,0 +1,57 @@
+"""Binary metrics and the decision-threshold rule, shared by training, prediction and reports.
+
+Computed on the full set of probabilities (gathered across processes) rather
+than accumulated per batch, so that the threshold chosen on validation and the
+numbers reported are exact and identical everywhere.
+"""
+from __future__ import annotations
+
+import torch
+from torchmetrics.functional.classification import binary_auroc
+
+
+def choose_threshold(probs: torch.Tensor, labels: torch.Tensor, rule: str = "f1") -> float:
+    """Pick the decision threshold on validation data.
+
+    ``f1``: the threshold that maximises F1 (ties: the one nearest 0.5), placed
+    half-way between neighbouring probabilities so it generalises. ``fixed``: 0.5.
+    """
+    probs = probs.detach().double().flatten().cpu()
+    labels = labels.detach().flatten().cpu().bool()
+    if rule == "fixed" or labels.all() or not labels.any():
+        return 0.5
+    order = torch.argsort(probs, descending=True)
+    p, y = probs[order], labels[order]
+    tp = torch.cumsum(y.double(), 0)
+    fp = torch.cumsum((~y).double(), 0)
+    f1 = 2 * tp / (tp + fp + y.sum())
+    # only cut between distinct probabilities
+    distinct = torch.ones_like(p, dtype=torch.bool)
+    distinct[:-1] = p[:-1] != p[1:]
+    f1 = torch.where(distinct, f1, torch.full_like(f1, -1.0))
+    nxt = torch.cat([p[1:], p.new_zeros(1)])
+    cuts = (p + nxt) / 2
+    best = f1.max()
+    candidates = cuts[f1 >= best - 1e-12]
+    return float(candidates[torch.argmin((candidates - 0.5).abs())])
+
+
+def binary_metrics(probs: torch.Tensor, labels: torch.Tensor, threshold: float = 0.5) -> dict[str, float]:
+    """Accuracy, precision, recall, F1, AUROC and the confusion counts at ``threshold``."""
+    probs = probs.detach().float().flatten().cpu()
+    labels = labels.detach().flatten().cpu().long()
+    pred = (probs >= threshold).long()
+    tp = int(((pred == 1) & (labels == 1)).sum())
+    tn = int(((pred == 0) & (labels == 0)).sum())
+    fp = int(((pred == 1) & (labels == 0)).sum())
+    fn = int(((pred == 0) & (labels == 1)).sum())
+    n = max(tp + tn + fp + fn, 1)
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    both = bool(labels.any()) and not bool(labels.all())
+    auroc = float(binary_auroc(probs, labels)) if both else float("nan")
+    return {
+        "acc": (tp + tn) / n, "precision": precision, "recall": recall, "f1": f1, "auroc": auroc,
+        "tp": tp, "tn": tn, "fp": fp, "fn": fn, "n": tp + tn + fp + fn, "threshold": float(threshold),
+    }

@@ -1,0 +1,147 @@
+"""The LightningModule: a pretrained timm backbone with a one-logit crack head.
+
+The module also carries what prediction needs to be trustworthy: the
+preprocessing contract and the decision threshold chosen on validation data
+(a buffer, so it travels inside every checkpoint).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .metrics import binary_metrics, choose_threshold
+from .transforms import Preprocessing
+from .weights import create_pretrained
+
+
+class CrackClassifier(L.LightningModule):
+    """timm backbone (pooled features) -> dropout -> Linear(features, 1).
+
+    ``freeze_backbone(True)`` gives the seed's transfer-learning recipe (only the
+    head learns, backbone BatchNorm statistics stay ImageNet's); ``False`` the
+    fine-tuning stage. Batches may hold images ``(B,3,H,W)`` or pre-computed
+    features ``(B,C)`` (the cached-feature frozen stage).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "tf_efficientnet_lite0",
+        pretrained: str = "lite0",
+        weights_file: str | None = None,
+        drop_rate: float = 0.2,
+        image_size: int = 0,
+        class_names: tuple[str, str] | list[str] = ("Negative", "Positive"),
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        label_smoothing: float = 0.0,
+        threshold_rule: str = "f1",
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        net = create_pretrained(backbone, pretrained, weights_file)
+        self.pre = Preprocessing.from_model(net, image_size)
+        net.reset_classifier(0)
+        self.backbone = net
+        self.head = nn.Sequential(nn.Dropout(drop_rate), nn.Linear(net.num_features, 1))
+        self.register_buffer("threshold", torch.tensor(0.5, dtype=torch.float64))
+        self.lr, self.weight_decay = lr, weight_decay
+        self.backbone_frozen = False
+        self._outputs: dict[str, list[torch.Tensor]] = {}
+        self.last_results: dict[str, dict[str, Any]] = {}
+
+    # ---- structure -------------------------------------------------------------
+    def freeze_backbone(self, frozen: bool = True) -> None:
+        self.backbone_frozen = frozen
+        for p in self.backbone.parameters():
+            p.requires_grad_(not frozen)
+        self.backbone.train(self.training and not frozen)
+
+    def train(self, mode: bool = True) -> "CrackClassifier":
+        super().train(mode)
+        if self.backbone_frozen:
+            self.backbone.eval()  # keep ImageNet BatchNorm statistics while the backbone is frozen
+        return self
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B,)`` from images ``(B,3,H,W)`` or features ``(B,C)``."""
+        feats = self.features(x) if x.ndim == 4 else x
+        return self.head(feats).squeeze(1)
+
+    @torch.inference_mode()
+    def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self(x).float())
+
+    # ---- training ----------------------------------------------------------------
+    def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        s = self.hparams.label_smoothing
+        target = y * (1 - s) + 0.5 * s
+        return F.binary_cross_entropy_with_logits(logits.float(), target.float())
+
+    def training_step(self, batch, batch_idx):
+        x, y, _ = batch
+        loss = self._loss(self(x), y)
+        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))
+        return loss
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        epochs = max(int(self.trainer.max_epochs or 1), 1)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=self.lr * 0.01)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+    # ---- evaluation: collect every probability, gather across ranks, compute once --
+    def _collect(self, stage: str, batch) -> None:
+        x, y, idx = batch
+        probs = torch.sigmoid(self(x).float())
+        self._outputs.setdefault(stage, []).append(torch.stack([probs, y.float(), idx.float()], 1))
+
+    def validation_step(self, batch, batch_idx):
+        self._collect("val", batch)
+
+    def test_step(self, batch, batch_idx):
+        self._collect("test", batch)
+
+    def _gathered(self, stage: str) -> torch.Tensor:
+        rows = self._outputs.pop(stage, [])
+        local = torch.cat(rows) if rows else torch.zeros(0, 3, device=self.device)
+        if self.trainer.world_size > 1:
+            local = self.all_gather(local).reshape(-1, 3)
+        return local.cpu()
+
+    def _finish(self, stage: str) -> None:
+        rows = self._gathered(stage)
+        if self.trainer.sanity_checking or len(rows) == 0:
+            return
+        # DistributedSampler pads with repeats: keep each index once
+        idx = rows[:, 2].long()
+        keep = torch.zeros(len(rows), dtype=torch.bool)
+        seen: set[int] = set()
+        for i, v in enumerate(idx.tolist()):
+            if v not in seen:
+                seen.add(v)
+                keep[i] = True
+        rows = rows[keep]
+        probs, labels = rows[:, 0], rows[:, 1]
+        loss = float(F.binary_cross_entropy(probs.clamp(1e-7, 1 - 1e-7).double(), labels.double()))
+        if stage == "val" and not self.trainer.testing:
+            self.threshold.fill_(choose_threshold(probs, labels, self.hparams.threshold_rule))
+        m = binary_metrics(probs, labels, float(self.threshold))
+        m["loss"] = loss
+        self.last_results[stage] = {"metrics": m, "index": rows[:, 2].long(), "probs": probs, "labels": labels}
+        for k in ("loss", "acc", "precision", "recall", "f1", "auroc", "threshold"):
+            self.log(f"{stage}_{k}", float(m[k]), prog_bar=k in ("loss", "acc", "f1"), sync_dist=False,
+                     rank_zero_only=False)
+
+    def on_validation_epoch_end(self) -> None:
+        self._finish("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._finish("test")

@@ -1,0 +1,160 @@
+"""Batch prediction over any mix of files, folders and globs (what ``predict.py`` runs).
+
+Images go through the same :func:`~crack_lightning.images.decode_image` and
+:func:`~crack_lightning.transforms.eval_transform` as training. A file that
+cannot be read becomes an error row; the run goes on.
+"""
+from __future__ import annotations
+
+import csv
+import glob
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .checkpoint import load_model
+from .images import BadImageError, decode_image, is_image_file
+from .io import atomic_write
+from .metrics import binary_metrics
+from .transforms import eval_transform
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CHECKPOINT = REPO_ROOT / "models" / "crack_lite0.pt"
+
+
+class InputError(ValueError):
+    """Prediction inputs that match no image."""
+
+
+def collect_inputs(inputs: Sequence[str]) -> list[Path]:
+    """Expand files, folders (recursive) and globs into a sorted, de-duplicated list of images."""
+    found: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            matches = [q for q in sorted(p.rglob("*")) if q.is_file() and is_image_file(q)]
+        elif p.is_file():
+            matches = [p]
+        else:
+            matches = [Path(m) for m in sorted(glob.glob(item, recursive=True))]
+            matches = [q for q in matches if q.is_file() and is_image_file(q)]
+            if not matches:
+                raise InputError(f"no such file, folder or matching glob: {item}")
+        if not matches:
+            raise InputError(f"no images (.jpg, .png, ...) found in {item}")
+        found += matches
+    seen, out = set(), []
+    for p in found:
+        key = str(p)
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+    return out
+
+
+def label_from_path(path: Path, class_names: Sequence[str]) -> int | None:
+    """The true class, when a parent folder is named like one of the classes (nearest wins)."""
+    for parent in path.parents:
+        if parent.name in class_names:
+            return list(class_names).index(parent.name)
+    return None
+
+
+class _Files(Dataset):
+    def __init__(self, paths: Sequence[Path], transform):
+        self.paths, self.transform = list(paths), transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            return self.transform(image=decode_image(self.paths[i]))["image"], i, ""
+        except BadImageError as exc:
+            return None, i, str(exc)
+
+
+def _collate(items):
+    good = [(x, i) for x, i, e in items if x is not None]
+    x = torch.stack([g[0] for g in good]) if good else None
+    return x, [g[1] for g in good], [(i, e) for x_, i, e in items if x_ is None]
+
+
+@dataclass
+class Row:
+    path: str
+    probability: float | None
+    label: str
+    true_label: str = ""
+    error: str = ""
+
+
+@dataclass
+class Predictor:
+    """A loaded model plus its threshold and preprocessing, ready for batches of files."""
+
+    checkpoint: str | Path | None = None
+    device: str = "cpu"
+    batch_size: int = 64
+    num_workers: int = 2
+    threshold: float | None = None
+    model: torch.nn.Module = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.checkpoint = Path(self.checkpoint) if self.checkpoint else DEFAULT_CHECKPOINT
+        self.model = load_model(self.checkpoint, self.device)
+        if self.device == "cpu":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.class_names = list(self.model.hparams.class_names)
+        if self.threshold is None:
+            self.threshold = float(self.model.threshold)
+
+    @torch.inference_mode()
+    def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
+        x = batch.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        return self.model.predict_proba(x).cpu()
+
+    def iter_rows(self, paths: Sequence[Path], progress: bool = True) -> Iterator[Row]:
+        loader = DataLoader(_Files(paths, eval_transform(self.model.pre)), batch_size=self.batch_size,
+                            num_workers=self.num_workers, collate_fn=_collate,
+                            pin_memory=self.device != "cpu")
+        for x, idx, errors in tqdm(loader, desc="predicting", unit="batch", disable=not progress):
+            rows: list[tuple[int, Row]] = []
+            if x is not None:
+                for i, p in zip(idx, self.probabilities(x).tolist()):
+                    rows.append((i, self._row(paths[i], p)))
+            rows += [(i, self._row(paths[i], None, err)) for i, err in errors]
+            for _, row in sorted(rows, key=lambda t: t[0]):
+                yield row
+
+    def _row(self, path: Path, prob: float | None, error: str = "") -> Row:
+        truth = label_from_path(path, self.class_names)
+        label = "" if prob is None else self.class_names[int(prob >= self.threshold)]
+        return Row(str(path), prob, label, self.class_names[truth] if truth is not None else "", error)
+
+
+def write_rows(rows: Iterable[Row], path: str | Path) -> list[Row]:
+    """Write the prediction CSV atomically; return the rows."""
+    rows = list(rows)
+    with atomic_write(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "probability", "label", "true_label", "correct", "error"])
+        for r in rows:
+            correct = "" if not r.true_label or r.probability is None else int(r.label == r.true_label)
+            prob = "" if r.probability is None else f"{r.probability:.6f}"
+            w.writerow([r.path, prob, r.label, r.true_label, correct, r.error])
+    return rows
+
+
+def compare(rows: Sequence[Row], class_names: Sequence[str], threshold: float) -> dict | None:
+    """Metrics of the rows whose true class is known from their folder (None if none is)."""
+    known = [r for r in rows if r.true_label and r.probability is not None]
+    if not known:
+        return None
+    probs = torch.tensor([r.probability for r in known])
+    labels = torch.tensor([list(class_names).index(r.true_label) for r in known])
+    return binary_metrics(probs, labels, threshold)

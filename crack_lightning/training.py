@@ -1,0 +1,235 @@
+"""The training recipe, end to end (what ``train.py`` runs).
+
+1. build the model (fails fast if pretrained weights cannot be had),
+2. scan + split the data without duplicate leaks (``split.csv``),
+3. evaluate on validation and test BEFORE training (the baseline),
+4. stage ``frozen``: backbone frozen, head trained (optionally on cached features),
+5. stage ``finetune``: backbone unfrozen at a lower learning rate (if epochs > 0),
+6. test the best checkpoint; write ``metrics.json``, ``test_predictions.csv``,
+   ``model.pt`` (slim release checkpoint) and the model summary.
+
+Each stage keeps ``last.ckpt`` every epoch, so ``--resume`` (or re-running with
+the same ``run_name``) continues where an interrupted run stopped.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.model_summary import ModelSummary
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .checkpoint import read_checkpoint, save_release
+from .config import Config, dump_yaml
+from .data import (CrackDataModule, Record, TensorItems, check_no_leak, class_counts, label_conflicts,
+                   read_split_csv, scan, split_records, subsample, write_split_csv)
+from .io import atomic_write, write_json, write_text
+from .model import CrackClassifier
+
+RUN_NAME_ENV = "CRACK_LIGHTNING_RUN_NAME"  # shared by all DDP processes of one run
+
+
+def is_global_zero() -> bool:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0 and \
+        int(os.environ.get("NODE_RANK", "0")) == 0
+
+
+def run_dir_for(cfg: Config) -> Path:
+    name = cfg.run_name or os.environ.get(RUN_NAME_ENV) or dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    os.environ[RUN_NAME_ENV] = name
+    return Path(cfg.output_dir) / name
+
+
+def build_model(cfg: Config) -> CrackClassifier:
+    m, t = cfg.model, cfg.train
+    return CrackClassifier(
+        backbone=m.backbone, pretrained=m.pretrained, weights_file=m.weights_file, drop_rate=m.drop_rate,
+        image_size=m.image_size, class_names=list(cfg.data.class_names), lr=t.frozen.lr,
+        weight_decay=t.frozen.weight_decay, label_smoothing=t.label_smoothing, threshold_rule=t.threshold_rule,
+    )
+
+
+def hardware() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
+    return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+
+
+def prepare_data(cfg: Config, run_dir: Path, resume: bool) -> list[Record]:
+    """Scan and split (or re-read the split of the run being resumed)."""
+    split_csv = run_dir / "split.csv"
+    if resume and split_csv.is_file():
+        return read_split_csv(split_csv)
+    d = cfg.data
+    records, bad = scan(d.root, d.class_names, d.bad_images)
+    conflicts = label_conflicts(records)
+    if bad or conflicts:
+        with atomic_write(run_dir / "bad_images.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["path", "reason"])
+            w.writerows(bad)
+            w.writerows((r.path, "identical copy exists under the other class") for r in conflicts)
+        print(f"skipped {len(bad) + len(conflicts)} unusable file(s); see {run_dir / 'bad_images.csv'}")
+    if all(r.split for r in records):
+        check_no_leak(records)
+    else:
+        records = split_records(records, d.val_fraction, d.test_fraction, d.seed)
+    records = subsample(records, d.max_per_class, d.seed)
+    if not any(r.split == "train" for r in records) or not any(r.split == "val" for r in records):
+        from .data import DataError
+
+        raise DataError("too few images to make train and validation splits; add images or change the fractions")
+    if is_global_zero():
+        write_split_csv(records, split_csv, d.class_names)
+    return records
+
+
+@torch.inference_mode()
+def compute_features(model: CrackClassifier, loader: DataLoader, desc: str) -> TensorItems:
+    """Run the frozen backbone once over ``loader``; the head then trains on the stored features."""
+    model.eval()
+    device = model.device
+    feats, labels = [], []
+    for x, y, _ in tqdm(loader, desc=f"caching features ({desc})", unit="batch"):
+        feats.append(model.features(x.to(device).contiguous(memory_format=torch.channels_last)).float().cpu())
+        labels.append(y)
+    return TensorItems(torch.cat(feats), torch.cat(labels))
+
+
+def make_trainer(cfg: Config, run_dir: Path, stage: str | None, epochs: int = 1, patience: int = 3) -> L.Trainer:
+    t = cfg.trainer
+    callbacks: list[Any] = []
+    logger: Any = False
+    if stage:
+        ckpt_dir = run_dir / "checkpoints" / stage
+        mode = "min" if cfg.train.monitor == "val_loss" else "max"
+        callbacks = [
+            ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=cfg.train.monitor, mode=mode, save_last=True,
+                            save_top_k=1, enable_version_counter=False),
+            EarlyStopping(monitor=cfg.train.monitor, mode=mode, patience=patience),
+        ]
+        logger = CSVLogger(run_dir, name="logs", version=stage)
+    return L.Trainer(
+        accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, precision=t.precision,
+        num_nodes=t.num_nodes, max_epochs=epochs, log_every_n_steps=t.log_every_n_steps,
+        limit_train_batches=t.limit_train_batches, limit_val_batches=t.limit_val_batches,
+        limit_test_batches=t.limit_test_batches, deterministic=t.deterministic,
+        enable_progress_bar=t.enable_progress_bar, callbacks=callbacks, logger=logger,
+        enable_model_summary=False, default_root_dir=str(run_dir), num_sanity_val_steps=0,
+    )
+
+
+def evaluate(cfg: Config, model: CrackClassifier, dm: CrackDataModule, run_dir: Path,
+             use_images: bool = False) -> dict[str, dict]:
+    """Validation and test metrics of ``model`` as it is now."""
+    trainer = make_trainer(cfg, run_dir, None)
+    out = {}
+    for split in ("val", "test"):
+        if not dm.split(split):
+            continue
+        loader = dm.eval_loader(split) if use_images else getattr(dm, f"{split}_dataloader")()
+        if split == "val":
+            trainer.validate(model, loader, verbose=False)
+        else:
+            trainer.test(model, loader, verbose=False)
+        out[split] = model.last_results[split]["metrics"]
+    return out
+
+
+def _load_weights(model: CrackClassifier, ckpt_path: str | Path) -> None:
+    model.load_state_dict(read_checkpoint(ckpt_path)["state_dict"])
+
+
+def run_stage(cfg: Config, model: CrackClassifier, dm: CrackDataModule, run_dir: Path, stage: str,
+              resume: bool) -> dict:
+    """Fit one stage; return where its best checkpoint is. Skips a stage already finished."""
+    sc = getattr(cfg.train, stage)
+    done = run_dir / "checkpoints" / stage / "done.json"
+    if resume and done.is_file():
+        import json
+
+        info = json.loads(done.read_text())
+        _load_weights(model, info["best"])
+        return info
+    model.freeze_backbone(stage == "frozen")
+    model.lr, model.weight_decay = sc.lr, sc.weight_decay
+    epochs = min(sc.epochs, cfg.trainer.max_epochs) if cfg.trainer.max_epochs > 0 else sc.epochs
+    trainer = make_trainer(cfg, run_dir, stage, epochs, sc.patience)
+    last = run_dir / "checkpoints" / stage / "last.ckpt"
+    trainer.fit(model, datamodule=dm, ckpt_path=str(last) if resume and last.is_file() else None)
+    ckpt_cb = trainer.checkpoint_callback
+    best = ckpt_cb.best_model_path or ckpt_cb.last_model_path
+    if best:
+        _load_weights(model, best)
+    info = {"best": best, "best_score": float(ckpt_cb.best_model_score) if ckpt_cb.best_model_score is not None
+            else None, "epochs_run": trainer.current_epoch, "stopped_early": trainer.current_epoch < epochs,
+            "world_size": trainer.world_size}
+    if trainer.is_global_zero:
+        write_json(done, info)
+    return info
+
+
+def write_predictions(path: Path, records: list[Record], result: dict, class_names: list[str]) -> None:
+    """Label-vs-prediction table of the test split."""
+    thr = result["metrics"]["threshold"]
+    with atomic_write(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "probability", "prediction", "correct"])
+        rows = sorted(zip(result["index"].tolist(), result["probs"].tolist()), key=lambda t: records[t[0]].path)
+        for i, p in rows:
+            r = records[i]
+            pred = int(p >= thr)
+            w.writerow([r.path, class_names[r.label], f"{p:.6f}", class_names[pred], int(pred == r.label)])
+
+
+def train(cfg: Config, resume: bool = False) -> dict:
+    """Run the whole recipe; return the metrics written to ``metrics.json``."""
+    start = time.time()
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    run_dir = run_dir_for(cfg)
+    if is_global_zero():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text(run_dir / "config.yaml", dump_yaml(cfg))
+    model = build_model(cfg)
+    records = prepare_data(cfg, run_dir, resume)
+    dm = CrackDataModule(cfg.data, records, model.pre)
+    if is_global_zero():
+        write_text(run_dir / "model_summary.txt", f"{ModelSummary(model, max_depth=2)}\n\n{model}\n")
+
+    cached = cfg.train.cache_features and cfg.train.frozen.epochs > 0
+    if cached:
+        model.freeze_backbone(True)
+        dm.features = {s: compute_features(model, dm.eval_loader(s), s) for s in ("train", "val", "test") if dm.split(s)}
+
+    before = evaluate(cfg, model, dm, run_dir)
+    stages = {}
+    for stage in ("frozen", "finetune"):
+        if getattr(cfg.train, stage).epochs > 0:
+            if stage == "finetune":
+                dm.features = {}
+            stages[stage] = run_stage(cfg, model, dm, run_dir, stage, resume)
+    dm.features = {}
+    after = evaluate(cfg, model, dm, run_dir, use_images=True)
+    result = {
+        "run_dir": str(run_dir), "backbone": cfg.model.backbone, "hardware": hardware(),
+        "counts": {s: {cfg.data.class_names[k]: v for k, v in c.items()} for s, c in class_counts(records).items()},
+        "before": before, "after": after, "stages": stages, "threshold": float(model.threshold),
+        "wall_time_s": round(time.time() - start, 1),
+    }
+    if is_global_zero():
+        if "test" in after:
+            write_predictions(run_dir / "test_predictions.csv", dm.split("test"), model.last_results["test"],
+                              cfg.data.class_names)
+        save_release(model, run_dir / "model.pt", metrics={"test": after.get("test"), "val": after.get("val")})
+        write_json(run_dir / "metrics.json", result)
+    return result

@@ -1,0 +1,61 @@
+"""Shared fixtures: small generated image folders and one tiny trained run reused by several tests."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "data" / "sample"
+
+
+def synthetic_patch(rng: np.random.Generator, crack: bool, size: int = 64) -> np.ndarray:
+    """A concrete-like grey texture; a crack is a dark meandering line across it."""
+    base = rng.normal(170, 12, (size, size, 1)).clip(0, 255)
+    img = np.repeat(base, 3, axis=2)
+    if crack:
+        x = rng.integers(size // 4, 3 * size // 4)
+        for y in range(size):
+            x = int(np.clip(x + rng.integers(-1, 2), 2, size - 3))
+            img[y, x - 1:x + 2] = 40
+    return img.astype(np.uint8)
+
+
+def make_folder(root: Path, n_per_class: int = 12, size: int = 64, seed: int = 0,
+                classes=("Negative", "Positive")) -> Path:
+    rng = np.random.default_rng(seed)
+    for label, name in enumerate(classes):
+        d = root / name
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            Image.fromarray(synthetic_patch(rng, bool(label), size)).save(d / f"{name[:3]}_{i:03d}.jpg", quality=95)
+    return root
+
+
+def run_cli(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``train.py`` / ``predict.py`` as a user would; capture output."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    return make_folder(tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """One real (tiny) training run on the bundled Mendeley sample, shared by prediction/export tests."""
+    out = tmp_path_factory.mktemp("runs")
+    res = run_cli(str(ROOT / "train.py"), "--config", str(ROOT / "configs/quickstart.yaml"),
+                  "--data.root", str(SAMPLE), "--output_dir", str(out), "--run_name", "tiny",
+                  "--train.frozen.epochs", "6", "--model.image_size", "128",
+                  "--trainer.enable_progress_bar", "false")
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out / "tiny"

@@ -1,0 +1,74 @@
+import os
+import pickle
+
+import pytest
+import torch
+
+from crack_lightning.checkpoint import CheckpointError, load_model, read_checkpoint, save_release
+from crack_lightning.model import CrackClassifier
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /tmp/crack_lightning_pwned",))
+
+
+def test_release_roundtrip_keeps_outputs_and_threshold(tmp_path):
+    torch.manual_seed(0)
+    m = CrackClassifier(pretrained="none", image_size=64).eval()
+    m.threshold.fill_(0.42)
+    save_release(m, tmp_path / "m.pt", metrics={"test": {"acc": 1.0}}, half=False)
+    loaded = load_model(tmp_path / "m.pt")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), m(x), atol=1e-6)
+    assert float(loaded.threshold) == pytest.approx(0.42)
+    assert loaded.pre == m.pre
+    assert oct((tmp_path / "m.pt").stat().st_mode & 0o777) != oct(0o600)
+
+
+def test_half_precision_release_is_small_and_close(tmp_path):
+    torch.manual_seed(0)
+    m = CrackClassifier(pretrained="none", image_size=64).eval()
+    save_release(m, tmp_path / "m.pt")
+    assert (tmp_path / "m.pt").stat().st_size < 8_000_000
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(torch.sigmoid(load_model(tmp_path / "m.pt")(x)), torch.sigmoid(m(x)), atol=2e-2)
+
+
+def test_pickle_payload_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": {}, "hyper_parameters": {}, "x": Payload()}, path)
+    if os.path.exists("/tmp/crack_lightning_pwned"):
+        os.remove("/tmp/crack_lightning_pwned")
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        read_checkpoint(path)
+    assert not os.path.exists("/tmp/crack_lightning_pwned")
+
+
+def test_damaged_missing_and_foreign_files(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_model(tmp_path / "none.pt")
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"\x00garbage" * 100)
+    with pytest.raises(CheckpointError, match="damaged or not a PyTorch file"):
+        load_model(bad)
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(3)}, other)
+    with pytest.raises(CheckpointError, match="not a crack_lightning checkpoint"):
+        load_model(other)
+    plain = tmp_path / "plain.pkl"
+    plain.write_bytes(pickle.dumps([1, 2, 3]))
+    with pytest.raises(CheckpointError):
+        load_model(plain)
+
+
+def test_other_architecture_is_refused(tmp_path):
+    m = CrackClassifier(pretrained="none", image_size=64)
+    save_release(m, tmp_path / "m.pt")
+    obj = torch.load(tmp_path / "m.pt", weights_only=True)
+    obj["hyper_parameters"]["backbone"] = "mobilenetv3_small_050"
+    torch.save(obj, tmp_path / "swapped.pt")
+    with pytest.raises(CheckpointError, match="does not match architecture mobilenetv3_small_050"):
+        load_model(tmp_path / "swapped.pt")

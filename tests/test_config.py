@@ -1,0 +1,83 @@
+import pytest
+import yaml
+
+from crack_lightning.config import ConfigError, dump_yaml, load_config, parse_overrides
+from conftest import ROOT, run_cli
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_all_shipped_configs_load():
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        cfg = load_config(path)
+        assert cfg.data.class_names == ["Negative", "Positive"], path
+
+
+def test_unknown_key_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config key 'train\.frozen\.lrr'"):
+        load_config(write(tmp_path, "train:\n  frozen:\n    lrr: 0.1\n"))
+    with pytest.raises(ConfigError, match=r"unknown config key 'dataa'"):
+        load_config(write(tmp_path, "dataa: {}\n"))
+
+
+def test_wrong_type_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"data\.batch_size: expected int, got 'big'"):
+        load_config(write(tmp_path, "data:\n  batch_size: big\n"))
+    with pytest.raises(ConfigError, match=r"model\.pretrained: 'imagenet' is not one of"):
+        load_config(write(tmp_path, "model:\n  pretrained: imagenet\n"))
+    with pytest.raises(ConfigError, match=r"data\.batch_size: expected int, got True"):
+        load_config(None, [("data.batch_size", "true")])
+
+
+def test_value_checks():
+    with pytest.raises(ConfigError, match="val_fraction"):
+        load_config(None, [("data.val_fraction", "1.5")])
+    with pytest.raises(ConfigError, match="must leave images for training"):
+        load_config(None, [("data.val_fraction", "0.5"), ("data.test_fraction", "0.5")])
+    with pytest.raises(ConfigError, match="class_names"):
+        load_config(None, [("data.class_names", "[a, a]")])
+
+
+def test_overrides_apply_with_types():
+    pairs = parse_overrides(["--trainer.max_epochs", "3", "--data.root=/x", "--train.frozen.lr", "1e-2",
+                             "--data.class_names", "[ok, crack]"])
+    cfg = load_config(ROOT / "configs/quickstart.yaml", pairs)
+    assert cfg.trainer.max_epochs == 3
+    assert cfg.data.root == "/x"
+    assert cfg.train.frozen.lr == 0.01
+    assert cfg.data.class_names == ["ok", "crack"]
+    assert cfg.train.frozen.epochs == 15  # untouched value from the file
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="needs a value"):
+        parse_overrides(["--data.root"])
+    with pytest.raises(ConfigError, match="unexpected argument"):
+        parse_overrides(["data.root", "x"])
+
+
+def test_dump_roundtrip():
+    cfg = load_config(ROOT / "configs/base.yaml")
+    again = load_config(None, [])
+    assert again != cfg
+    from crack_lightning.config import from_dict
+
+    assert from_dict(yaml.safe_load(dump_yaml(cfg))) == cfg
+
+
+def test_cli_print_config_and_errors():
+    res = run_cli("train.py", "--config", "configs/quickstart.yaml", "--print_config", "--data.batch_size", "7")
+    assert res.returncode == 0, res.stderr
+    assert yaml.safe_load(res.stdout)["data"]["batch_size"] == 7
+    res = run_cli("train.py", "--config", "configs/quickstart.yaml", "--data.bogus", "1")
+    assert res.returncode == 2
+    assert res.stderr.strip() == ("error: unknown config key 'data.bogus' (valid keys here: augment, bad_images, "
+                                  "batch_size, class_names, max_per_class, num_workers, prefetch_factor, root, "
+                                  "seed, test_fraction, val_fraction)")
+    assert "Traceback" not in res.stderr
+    res = run_cli("train.py", "--config", "configs/nope.yaml")
+    assert res.returncode == 2 and "config file not found: configs/nope.yaml" in res.stderr

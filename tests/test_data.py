@@ -1,0 +1,111 @@
+import shutil
+from collections import defaultdict
+
+import pytest
+import torch
+
+from crack_lightning.config import DataConfig
+from crack_lightning.data import (CrackDataModule, DataError, check_no_leak, label_conflicts, read_split_csv,
+                                  scan, split_records, write_split_csv)
+from crack_lightning.transforms import Preprocessing
+from conftest import make_folder
+
+CLASSES = ["Negative", "Positive"]
+
+
+def with_duplicates(root, groups=6, copies=4):
+    """Copy some images several times under new names (byte-identical duplicates)."""
+    for cls in CLASSES:
+        files = sorted((root / cls).glob("*.jpg"))[:groups]
+        for f in files:
+            for k in range(copies):
+                shutil.copy(f, f.with_name(f"dup{k}_{f.name}"))
+    return root
+
+
+def test_duplicates_never_cross_splits(tmp_path):
+    root = with_duplicates(make_folder(tmp_path / "d", n_per_class=30))
+    records, bad = scan(root, CLASSES)
+    assert bad == []
+    assert len(records) == 2 * (30 + 6 * 4)
+    for seed in range(5):
+        split = split_records(records, 0.2, 0.2, seed)
+        check_no_leak(split)
+        sides = defaultdict(set)
+        for r in split:
+            sides[r.sha256].add(r.split)
+        assert all(len(s) == 1 for s in sides.values())
+
+
+def test_naive_split_would_leak_so_check_catches_it(tmp_path):
+    root = with_duplicates(make_folder(tmp_path / "d", n_per_class=10), groups=2, copies=1)
+    records, _ = scan(root, CLASSES)
+    for r in records:  # a naive split: copies in test, originals in train
+        r.split = "test" if "dup" in r.path else "train"
+    with pytest.raises(DataError, match="appear in more than one split"):
+        check_no_leak(records)
+
+
+def test_split_is_stratified_seeded_and_sized(tmp_path):
+    root = make_folder(tmp_path / "d", n_per_class=50)
+    records, _ = scan(root, CLASSES)
+    a = [(r.path, r.split) for r in split_records(records, 0.2, 0.1, 7)]
+    b = [(r.path, r.split) for r in split_records(scan(root, CLASSES)[0], 0.2, 0.1, 7)]
+    c = [(r.path, r.split) for r in split_records(scan(root, CLASSES)[0], 0.2, 0.1, 8)]
+    assert a == b and a != c
+    split = split_records(records, 0.2, 0.1, 7)
+    for label in (0, 1):
+        mine = [r for r in split if r.label == label]
+        assert sum(r.split == "val" for r in mine) == 10
+        assert sum(r.split == "test" for r in mine) == 5
+        assert sum(r.split == "train" for r in mine) == 35
+
+
+def test_split_csv_roundtrip(tmp_path):
+    records = split_records(scan(make_folder(tmp_path / "d"), CLASSES)[0], 0.25, 0.25, 0)
+    write_split_csv(records, tmp_path / "split.csv", CLASSES)
+    assert read_split_csv(tmp_path / "split.csv") == records
+
+
+def test_label_conflicts_are_found(tmp_path):
+    root = make_folder(tmp_path / "d")
+    shutil.copy(root / "Positive" / "Pos_000.jpg", root / "Negative" / "copy.jpg")
+    records, _ = scan(root, CLASSES)
+    assert sorted(r.path.rsplit("/", 1)[1] for r in label_conflicts(records)) == ["Pos_000.jpg", "copy.jpg"]
+    kept = split_records(records, 0.2, 0.2, 0)
+    assert len(kept) == len(records) - 2
+    assert not any(r.path.endswith(("Pos_000.jpg", "copy.jpg")) for r in kept)
+
+
+def test_presplit_folders(tmp_path):
+    for i, s in enumerate(("train", "val", "test")):
+        make_folder(tmp_path / "d" / s, n_per_class=4, seed=i)
+    records, _ = scan(tmp_path / "d", CLASSES)
+    assert {r.split for r in records} == {"train", "val", "test"}
+    assert sum(r.split == "test" for r in records) == 8
+
+
+@pytest.mark.parametrize("setup,message", [
+    (lambda root: None, "data root does not exist"),
+    (lambda root: make_folder(root, classes=("Negative",)), r"class folder\(s\) \['Positive'\] not found"),
+    (lambda root: (make_folder(root), (root / "Other").mkdir()), r"unknown folder\(s\) \['Other'\]"),
+    (lambda root: (make_folder(root, classes=("Negative",)), (root / "Positive").mkdir()), "holds no images"),
+])
+def test_bad_layouts(tmp_path, setup, message):
+    root = tmp_path / "d"
+    setup(root)
+    with pytest.raises(DataError, match=message):
+        scan(root, CLASSES)
+
+
+def test_datamodule_batches(tmp_path):
+    records = split_records(scan(make_folder(tmp_path / "d"), CLASSES)[0], 0.25, 0.25, 0)
+    pre = Preprocessing(size=48, mean=(0.5,) * 3, std=(0.5,) * 3)
+    dm = CrackDataModule(DataConfig(batch_size=4, num_workers=0, augment="strong"), records, pre)
+    x, y, idx = next(iter(dm.train_dataloader()))
+    assert x.shape == (4, 3, 48, 48) and x.dtype == torch.float32
+    assert set(y.tolist()) <= {0.0, 1.0}
+    xv, yv, iv = next(iter(dm.val_dataloader()))
+    xv2, _, _ = next(iter(dm.val_dataloader()))
+    assert torch.equal(xv, xv2)  # evaluation is deterministic, training is augmented
+    assert -1.0 <= float(xv.min()) and float(xv.max()) <= 1.0

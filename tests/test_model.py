@@ -1,0 +1,52 @@
+import torch
+
+from crack_lightning.model import CrackClassifier
+
+
+def tiny(**kw):
+    return CrackClassifier(backbone="tf_efficientnet_lite0", pretrained="none", image_size=64, **kw)
+
+
+def test_forward_images_and_features_agree():
+    torch.manual_seed(0)
+    m = tiny().eval()
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        logits = m(x)
+        assert logits.shape == (3,)
+        assert torch.allclose(m(m.features(x)), logits)
+    assert m.pre.size == 64 and m.pre.mean == (0.5, 0.5, 0.5)
+
+
+def test_freeze_keeps_backbone_fixed_and_bn_in_eval():
+    m = tiny()
+    m.freeze_backbone(True)
+    m.train()
+    assert not m.backbone.training and m.head.training
+    assert all(not p.requires_grad for p in m.backbone.parameters())
+    before = {k: v.clone() for k, v in m.backbone.state_dict().items()}
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)
+    loss = m._loss(m(torch.randn(4, 3, 64, 64)), torch.tensor([0.0, 1.0, 0.0, 1.0]))
+    loss.backward()
+    opt.step()
+    after = m.backbone.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BN running stats too
+    m.freeze_backbone(False)
+    m.train()
+    assert m.backbone.training and all(p.requires_grad for p in m.backbone.parameters())
+
+
+def test_label_smoothing_changes_target():
+    m = tiny(label_smoothing=0.2)
+    logits = torch.tensor([10.0])
+    smoothed = m._loss(logits, torch.tensor([1.0]))
+    plain = tiny()._loss(logits, torch.tensor([1.0]))
+    assert smoothed > plain
+
+
+def test_threshold_is_part_of_state_dict():
+    m = tiny()
+    m.threshold.fill_(0.3)
+    m2 = tiny()
+    m2.load_state_dict(m.state_dict())
+    assert float(m2.threshold) == 0.3

@@ -1,0 +1,71 @@
+"""``predict.py`` on real sample images with the model trained by the shared fixture."""
+import csv
+import json
+import shutil
+
+import pytest
+
+from conftest import SAMPLE, run_cli
+
+
+@pytest.fixture
+def labelled(tmp_path):
+    for cls in ("Positive", "Negative"):
+        (tmp_path / "in" / cls).mkdir(parents=True)
+        for f in sorted((SAMPLE / cls).glob("*.jpg"))[:6]:
+            shutil.copy(f, tmp_path / "in" / cls / f.name)
+    return tmp_path / "in"
+
+
+def read(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_predict_folder_with_labels_and_a_broken_file(trained_run, labelled, tmp_path):
+    (labelled / "Positive" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really")
+    out = tmp_path / "preds.csv"
+    res = run_cli("predict.py", "--checkpoint", str(trained_run / "model.pt"), str(labelled), "--output", str(out))
+    assert res.returncode == 1, res.stderr  # some input failed
+    rows = read(out)
+    assert len(rows) == 13
+    assert [r["path"] for r in rows] == sorted(r["path"] for r in rows)
+    broken = [r for r in rows if r["path"].endswith("broken.jpg")][0]
+    assert broken["probability"] == "" and "not an image" in broken["error"]
+    good = [r for r in rows if not r["error"]]
+    assert all(0.0 <= float(r["probability"]) <= 1.0 and r["label"] in ("Positive", "Negative") for r in good)
+    assert all(r["true_label"] == ("Positive" if "/Positive/" in r["path"] else "Negative") for r in rows)
+    metrics = json.loads(out.with_suffix(".metrics.json").read_text())
+    assert metrics["n"] == 12 and metrics["tp"] + metrics["tn"] + metrics["fp"] + metrics["fn"] == 12
+    assert "vs folder labels (12 images)" in res.stdout
+    assert "unreadable: " in res.stderr
+
+
+def test_predict_matches_training_evaluation(trained_run, tmp_path):
+    """Same decode + eval transform in training's test pass and predict.py: identical probabilities."""
+    expected = {r["path"]: float(r["probability"]) for r in read(trained_run / "test_predictions.csv")}
+    files = sorted(expected)[:10]
+    out = tmp_path / "p.csv"
+    res = run_cli("predict.py", "--checkpoint", str(trained_run / "checkpoints/frozen/best.ckpt"), *files,
+                  "--output", str(out), "--workers", "0")
+    assert res.returncode == 0, res.stderr
+    got = {r["path"]: float(r["probability"]) for r in read(out)}
+    assert len(got) == 10
+    for path in files:
+        assert got[path] == pytest.approx(expected[path], abs=1e-5)
+
+
+def test_threshold_override_and_globs(trained_run, labelled, tmp_path):
+    out = tmp_path / "p.csv"
+    res = run_cli("predict.py", "--checkpoint", str(trained_run / "model.pt"), str(labelled / "*" / "*.jpg"),
+                  "--output", str(out), "--threshold", "0")
+    assert res.returncode == 0, res.stderr
+    rows = read(out)
+    assert len(rows) == 12 and all(r["label"] == "Positive" for r in rows)
+
+
+def test_predict_user_errors(trained_run, tmp_path):
+    res = run_cli("predict.py", "--checkpoint", str(trained_run / "model.pt"), str(tmp_path / "missing"))
+    assert res.returncode == 2 and res.stderr.strip() == f"error: no such file, folder or matching glob: {tmp_path / 'missing'}"
+    res = run_cli("predict.py", "--checkpoint", str(tmp_path / "nope.pt"), str(SAMPLE))
+    assert res.returncode == 2 and "checkpoint not found" in res.stderr and "Traceback" not in res.stderr

@@ -1,0 +1,69 @@
+"""End-to-end training through ``train.py``, as a user runs it (tiny settings)."""
+import csv
+import json
+
+import torch
+
+from crack_lightning.data import check_no_leak, read_split_csv
+from conftest import ROOT, make_folder, run_cli
+
+TINY = ["--model.pretrained", "none", "--model.image_size", "32", "--data.num_workers", "0",
+        "--data.batch_size", "8", "--trainer.enable_progress_bar", "false", "--data.val_fraction", "0.25",
+        "--data.test_fraction", "0.25"]
+
+
+def test_quickstart_run_writes_everything(trained_run):
+    for name in ("config.yaml", "split.csv", "metrics.json", "model_summary.txt", "test_predictions.csv",
+                 "model.pt", "checkpoints/frozen/best.ckpt", "checkpoints/frozen/last.ckpt", "logs/frozen/metrics.csv"):
+        assert (trained_run / name).is_file(), name
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    before, after = metrics["before"]["test"], metrics["after"]["test"]
+    assert after["n"] == before["n"] == 40
+    assert after["acc"] >= 0.85 and after["acc"] > before["acc"]
+    assert 0.0 < metrics["threshold"] < 1.0
+    records = read_split_csv(trained_run / "split.csv")
+    check_no_leak(records)
+    with open(trained_run / "test_predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == sum(r.split == "test" for r in records) == 40
+    assert sum(int(r["correct"]) for r in rows) == round(after["acc"] * 40)
+    assert "EfficientNet" in (trained_run / "model_summary.txt").read_text()
+    assert "image_size: 128" in (trained_run / "config.yaml").read_text()
+
+
+def test_frozen_then_finetune_changes_backbone(tmp_path):
+    data = make_folder(tmp_path / "data", n_per_class=8)
+    res = run_cli("train.py", "--config", "configs/quickstart.yaml", "--data.root", str(data), "--output_dir",
+                  str(tmp_path / "runs"), "--run_name", "two", "--train.frozen.epochs", "1",
+                  "--train.finetune.epochs", "1", "--train.cache_features", "false", *TINY)
+    assert res.returncode == 0, res.stderr[-2000:]
+    run = tmp_path / "runs" / "two"
+    frozen = torch.load(run / "checkpoints/frozen/best.ckpt", weights_only=True)["state_dict"]
+    tuned = torch.load(run / "checkpoints/finetune/best.ckpt", weights_only=True)["state_dict"]
+    key = "backbone.conv_stem.weight"
+    assert not torch.equal(frozen[key], tuned[key])
+    stages = json.loads((run / "metrics.json").read_text())["stages"]
+    assert set(stages) == {"frozen", "finetune"}
+
+
+def test_ddp_two_processes_on_cpu(tmp_path):
+    data = make_folder(tmp_path / "data", n_per_class=8)
+    res = run_cli("train.py", "--config", "configs/quickstart.yaml", "--data.root", str(data), "--output_dir",
+                  str(tmp_path / "runs"), "--run_name", "ddp", "--train.frozen.epochs", "1",
+                  "--train.finetune.epochs", "1", "--train.cache_features", "false",
+                  "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp", *TINY)
+    assert res.returncode == 0, res.stderr[-3000:]
+    metrics = json.loads((tmp_path / "runs" / "ddp" / "metrics.json").read_text())
+    assert metrics["stages"]["frozen"]["world_size"] == 2
+    assert metrics["stages"]["finetune"]["world_size"] == 2
+    # gathered from both processes, each test image counted exactly once
+    assert metrics["after"]["test"]["n"] == 4
+    assert len((tmp_path / "runs" / "ddp" / "test_predictions.csv").read_text().splitlines()) == 5
+
+
+def test_weights_unavailable_stops_with_one_line(tmp_path):
+    res = run_cli("train.py", "--config", "configs/base.yaml", "--data.root", str(ROOT / "data/sample"),
+                  "--output_dir", str(tmp_path), env={"HF_HUB_OFFLINE": "1"})
+    assert res.returncode == 2
+    assert res.stderr.startswith("error: could not download ImageNet weights for mobilenetv3_large_100")
+    assert "Traceback" not in res.stderr
