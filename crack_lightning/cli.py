@@ -81,14 +81,44 @@ def predict_parser():
 
     p = argparse.ArgumentParser(
         prog="predict.py", description="Predict crack / no crack for image files, folders (recursive) and globs.")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
-    p.add_argument("--checkpoint", default=None, help="model file (.pt release or .ckpt); default: models/crack_lite0.pt")
-    p.add_argument("--output", default="predictions.csv", help="CSV to write (default: predictions.csv)")
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="image files, folders or glob patterns")
+    p.add_argument("--checkpoint", default=None,
+                   help="model: .pt release, .ckpt training checkpoint or exported .onnx (default: models/crack_lite0.pt)")
+    p.add_argument("--output", default=None,
+                   help="CSV to write (default predictions.csv); with --localize/--explain a folder")
+    p.add_argument("--localize", action="store_true",
+                   help="inputs are full-size photos: slide over tiles, write tiles CSV + heatmap + summary.csv")
+    p.add_argument("--tile", type=int, default=227, help="--localize tile size in pixels (training scale: 227)")
+    p.add_argument("--stride", type=int, default=0, help="--localize stride (default: tile/2, i.e. 50%% overlap)")
+    p.add_argument("--explain", action="store_true", help="write a Grad-CAM PNG for each input patch")
+    p.add_argument("--split", default=None, metavar="SPLIT_CSV[:NAME]",
+                   help="also predict the images of a run's split.csv (default split: test)")
+    p.add_argument("--report", default=None, metavar="DIR",
+                   help="write the evaluation report (PNG plots + report.json) for labelled inputs to DIR")
+    p.add_argument("--export", default=None, metavar="DIR",
+                   help="export the checkpoint to DIR as ONNX + TorchScript + contract JSON, then exit")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2, help="decode worker processes")
     p.add_argument("--threshold", type=float, default=None, help="override the threshold stored in the checkpoint")
     return p
+
+
+def _split_inputs(spec: str) -> list[str]:
+    from pathlib import Path
+
+    from .data import read_split_csv
+
+    path, _, name = spec.partition(":")
+    if not Path(path).is_file():
+        raise ConfigError(f"--split: file not found: {path}")
+    try:
+        rows = [r.path for r in read_split_csv(Path(path)) if r.split == (name or "test")]
+    except (KeyError, ValueError) as exc:
+        raise ConfigError(f"--split: {path} is not a split.csv written by train.py") from exc
+    if not rows:
+        raise ConfigError(f"--split: no images of split '{name or 'test'}' in {path}")
+    return rows
 
 
 def predict_main(argv: list[str]) -> int:
@@ -98,26 +128,116 @@ def predict_main(argv: list[str]) -> int:
     from .io import write_json
     from .predict import Predictor, collect_inputs, compare, write_rows
 
-    args = predict_parser().parse_args(argv)
+    parser = predict_parser()
+    args = parser.parse_args(argv)
+    if args.export:
+        from .export import export
+        from .predict import DEFAULT_CHECKPOINT
+
+        paths = export(args.checkpoint or DEFAULT_CHECKPOINT, args.export)
+        for kind, path in paths.items():
+            print(f"{kind}: {path}")
+        return 0
+    inputs = list(args.inputs) + (_split_inputs(args.split) if args.split else [])
+    if not inputs:
+        parser.error("give at least one INPUT (or --split / --export)")
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
         raise ConfigError(f"--threshold must be in [0, 1], got {args.threshold}")
-    out = Path(args.output)
+    if args.batch_size < 1 or args.workers < 0:
+        raise ConfigError("--batch-size must be >= 1 and --workers >= 0")
+    if args.tile < 32 or args.stride < 0:
+        raise ConfigError("--tile must be >= 32 and --stride >= 0")
+    paths = collect_inputs(inputs)
+    if args.localize or args.explain:
+        out_dir = Path(args.output or ("localization" if args.localize else "explanations"))
+        if out_dir.exists() and not out_dir.is_dir():
+            raise ConfigError(f"--output must be a folder with --localize/--explain: {out_dir} is a file")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        predictor = Predictor(args.checkpoint, args.device, args.batch_size, args.workers, args.threshold)
+        return (_localize if args.localize else _explain)(predictor, paths, out_dir, args)
+    out = Path(args.output or "predictions.csv")
     if out.is_dir():
         raise ConfigError(f"--output must be a file path, {out} is a folder")
-    paths = collect_inputs(args.inputs)
     predictor = Predictor(args.checkpoint, args.device, args.batch_size, args.workers, args.threshold)
     rows = write_rows(predictor.iter_rows(paths), out)
     errors = [r for r in rows if r.error]
-    positives = sum(r.label == predictor.class_names[1] for r in rows)
-    print(f"{len(rows)} image(s): {positives} {predictor.class_names[1]}, {len(rows) - positives - len(errors)} "
-          f"{predictor.class_names[0]}, {len(errors)} unreadable (threshold {predictor.threshold:.3f}) -> {out}")
-    metrics = compare(rows, predictor.class_names, predictor.threshold)
+    names = predictor.class_names
+    positives = sum(r.label == names[1] for r in rows)
+    print(f"{len(rows)} image(s): {positives} {names[1]}, {len(rows) - positives - len(errors)} "
+          f"{names[0]}, {len(errors)} unreadable (threshold {predictor.threshold:.3f}) -> {out}")
+    metrics = compare(rows, names, predictor.threshold)
     if metrics:
         print(f"vs folder labels ({metrics['n']} images): accuracy {metrics['acc']:.4f}  precision "
               f"{metrics['precision']:.4f}  recall {metrics['recall']:.4f}  F1 {metrics['f1']:.4f}")
-        print(f"confusion matrix [rows true {predictor.class_names}, cols predicted]: "
+        print(f"confusion matrix [rows true {names}, cols predicted]: "
               f"[[{metrics['tn']}, {metrics['fp']}], [{metrics['fn']}, {metrics['tp']}]]")
         write_json(out.with_suffix(".metrics.json"), metrics)
+    if args.report:
+        known = [r for r in rows if r.true_label and r.probability is not None]
+        if not known:
+            raise ConfigError("--report needs labelled images (under folders named like the classes)")
+        from .report import make_report
+
+        make_report([r.path for r in known], [r.probability for r in known],
+                    [names.index(r.true_label) for r in known], predictor.threshold, args.report, names,
+                    title=Path(str(predictor.checkpoint)).name)
+        print(f"report -> {args.report}")
     for r in errors[:10]:
         print(f"  unreadable: {r.path}: {r.error}", file=sys.stderr)
     return 1 if errors else 0
+
+
+def _unique_stem(path, used: set) -> str:
+    stem = path.stem
+    n = 1
+    while stem in used:
+        n += 1
+        stem = f"{path.stem}_{n}"
+    used.add(stem)
+    return stem
+
+
+def _localize(predictor, paths, out_dir, args) -> int:
+    from .images import BadImageError
+    from .localize import localize, summary_row, write_heatmap, write_summary, write_tiles_csv
+
+    rows, used, failed = [], set(), 0
+    for path in paths:
+        stem = _unique_stem(path, used)
+        try:
+            loc, image = localize(path, predictor, args.tile, args.stride or None, progress=True)
+        except BadImageError as exc:
+            failed += 1
+            rows.append({"photo": str(path), "error": str(exc)})
+            print(f"  unreadable: {path}: {exc}", file=sys.stderr)
+            continue
+        write_tiles_csv(loc, out_dir / f"{stem}_tiles.csv")
+        write_heatmap(loc, image, out_dir / f"{stem}_heatmap.png")
+        row = summary_row(loc)
+        rows.append(row)
+        print(f"{path}: {row['crack_tiles']}/{row['tiles']} crack tiles, {float(row['crack_fraction']):.1%} "
+              f"of the surface -> {out_dir / (stem + '_heatmap.png')}")
+        write_summary(rows, out_dir / "summary.csv")
+    write_summary(rows, out_dir / "summary.csv")
+    return 1 if failed else 0
+
+
+def _explain(predictor, paths, out_dir, args) -> int:
+    import torch
+
+    from .explain import explain_file
+    from .images import BadImageError
+
+    if not isinstance(predictor.model, torch.nn.Module):
+        raise ConfigError("--explain needs a PyTorch checkpoint (.pt/.ckpt), not an exported model")
+    used, failed = set(), 0
+    for path in paths:
+        out = out_dir / f"{_unique_stem(path, used)}_gradcam.png"
+        try:
+            prob = explain_file(predictor.model, path, out)
+        except BadImageError as exc:
+            failed += 1
+            print(f"  unreadable: {path}: {exc}", file=sys.stderr)
+            continue
+        print(f"{path}: p(crack)={prob:.3f} -> {out}")
+    return 1 if failed else 0

@@ -95,31 +95,39 @@ class Row:
 
 @dataclass
 class Predictor:
-    """A loaded model plus its threshold and preprocessing, ready for batches of files."""
+    """A loaded model (PyTorch checkpoint or exported ONNX) with its threshold and preprocessing."""
 
     checkpoint: str | Path | None = None
     device: str = "cpu"
     batch_size: int = 64
     num_workers: int = 2
     threshold: float | None = None
-    model: torch.nn.Module = field(init=False, repr=False)
+    model: object = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.checkpoint = Path(self.checkpoint) if self.checkpoint else DEFAULT_CHECKPOINT
-        self.model = load_model(self.checkpoint, self.device)
-        if self.device == "cpu":
-            self.model = self.model.to(memory_format=torch.channels_last)
-        self.class_names = list(self.model.hparams.class_names)
+        if self.checkpoint.suffix == ".onnx":
+            from .export import OnnxModel
+
+            self.model = OnnxModel(self.checkpoint)
+            self.pre, self.class_names, stored = self.model.pre, self.model.class_names, self.model.threshold
+        else:
+            self.model = load_model(self.checkpoint, self.device).to(memory_format=torch.channels_last)
+            self.pre, self.class_names = self.model.pre, list(self.model.hparams.class_names)
+            stored = float(self.model.threshold)
         if self.threshold is None:
-            self.threshold = float(self.model.threshold)
+            self.threshold = stored
 
     @torch.inference_mode()
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
+        """Crack probabilities for a batch already through :func:`eval_transform`."""
+        if not isinstance(self.model, torch.nn.Module):
+            return self.model(batch)
         x = batch.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         return self.model.predict_proba(x).cpu()
 
     def iter_rows(self, paths: Sequence[Path], progress: bool = True) -> Iterator[Row]:
-        loader = DataLoader(_Files(paths, eval_transform(self.model.pre)), batch_size=self.batch_size,
+        loader = DataLoader(_Files(paths, eval_transform(self.pre)), batch_size=self.batch_size,
                             num_workers=self.num_workers, collate_fn=_collate,
                             pin_memory=self.device != "cpu")
         for x, idx, errors in tqdm(loader, desc="predicting", unit="batch", disable=not progress):

@@ -1,0 +1,156 @@
+"""Where are the cracks? Slide the patch classifier over a full-size photo.
+
+The photo is decoded once (EXIF-rotated, converted to RGB); tiles are cut and
+classified in batches, so memory stays at the photo itself plus one batch of
+tiles, whatever the number of tiles. Each tile goes through the same
+:func:`~crack_lightning.transforms.eval_transform` as training patches.
+"""
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from .images import decode_image  # noqa: E402
+from .io import atomic_write  # noqa: E402
+from .transforms import eval_transform  # noqa: E402
+
+TRAINING_TILE = 227  # the Mendeley patches were cut at this size from 4032x3024 photos
+
+
+@dataclass
+class Tile:
+    x: int
+    y: int
+    width: int
+    height: int
+    probability: float = 0.0
+
+
+def tile_origins(length: int, tile: int, stride: int) -> list[int]:
+    """Start offsets along one axis covering ``[0, length)``; the last tile is flush with the edge."""
+    if length <= tile:
+        return [0]
+    starts = list(range(0, length - tile + 1, stride))
+    if starts[-1] + tile < length:
+        starts.append(length - tile)
+    return starts
+
+
+def iter_tiles(width: int, height: int, tile: int, stride: int) -> Iterator[Tile]:
+    for y in tile_origins(height, tile, stride):
+        for x in tile_origins(width, tile, stride):
+            yield Tile(x, y, min(tile, width), min(tile, height))
+
+
+@dataclass
+class Localization:
+    photo: str
+    width: int
+    height: int
+    tiles: list[Tile]
+    threshold: float
+
+    @property
+    def crack_tiles(self) -> list[Tile]:
+        return [t for t in self.tiles if t.probability >= self.threshold]
+
+    def crack_mask(self, scale: int = 1) -> np.ndarray:
+        """Boolean surface covered by at least one crack tile (downsampled by ``scale``)."""
+        mask = np.zeros((self.height // scale + 1, self.width // scale + 1), bool)
+        for t in self.crack_tiles:
+            mask[t.y // scale:(t.y + t.height) // scale, t.x // scale:(t.x + t.width) // scale] = True
+        return mask
+
+    def crack_fraction(self) -> float:
+        scale = max(1, min(self.width, self.height) // 500)
+        mask = self.crack_mask(scale)[: self.height // scale, : self.width // scale]
+        return float(mask.mean()) if mask.size else 0.0
+
+    def heat(self, scale: int) -> np.ndarray:
+        """Per-pixel mean probability over the overlapping tiles, downsampled by ``scale``."""
+        h, w = self.height // scale + 1, self.width // scale + 1
+        total, count = np.zeros((h, w), np.float32), np.zeros((h, w), np.float32)
+        for t in self.tiles:
+            sl = (slice(t.y // scale, (t.y + t.height) // scale), slice(t.x // scale, (t.x + t.width) // scale))
+            total[sl] += t.probability
+            count[sl] += 1
+        return np.divide(total, count, out=np.zeros_like(total), where=count > 0)
+
+
+def localize(path: str | Path, predictor, tile: int = TRAINING_TILE, stride: int | None = None,
+             progress: bool = False) -> tuple[Localization, np.ndarray]:
+    """Classify every tile of the photo at ``path``; return the tiles and the decoded photo."""
+    stride = stride or tile // 2
+    image = decode_image(path)
+    height, width = image.shape[:2]
+    tf = eval_transform(predictor.pre)
+    tiles = list(iter_tiles(width, height, tile, stride))
+    for start in tqdm(range(0, len(tiles), predictor.batch_size), desc=f"tiles of {Path(path).name}",
+                      unit="batch", disable=not progress):
+        chunk = tiles[start:start + predictor.batch_size]
+        batch = torch.stack([tf(image=image[t.y:t.y + t.height, t.x:t.x + t.width])["image"] for t in chunk])
+        for t, p in zip(chunk, predictor.probabilities(batch).tolist()):
+            t.probability = float(p)
+    return Localization(str(path), width, height, tiles, float(predictor.threshold)), image
+
+
+def write_tiles_csv(loc: Localization, path: Path) -> None:
+    with atomic_write(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["x", "y", "width", "height", "probability"])
+        for t in loc.tiles:
+            w.writerow([t.x, t.y, t.width, t.height, f"{t.probability:.6f}"])
+
+
+def write_heatmap(loc: Localization, image: np.ndarray, path: Path, max_side: int = 1600) -> None:
+    """The photo (downscaled) with crack probability overlaid and crack tiles outlined."""
+    scale = max(1, int(np.ceil(max(loc.width, loc.height) / max_side)))
+    small = np.asarray(Image.fromarray(image).reduce(scale)) if scale > 1 else image
+    heat = loc.heat(scale)[: small.shape[0], : small.shape[1]]
+    fig_w = 10
+    fig, ax = plt.subplots(figsize=(fig_w, fig_w * small.shape[0] / small.shape[1] + 0.8))
+    ax.imshow(small)
+    masked = np.ma.masked_less(heat, 0.5 * loc.threshold)
+    im = ax.imshow(masked, cmap="inferno_r", vmin=0, vmax=1, alpha=0.55, interpolation="nearest")
+    for t in loc.crack_tiles:
+        ax.add_patch(plt.Rectangle((t.x / scale, t.y / scale), t.width / scale, t.height / scale, fill=False,
+                                   edgecolor="red", lw=0.8, alpha=0.8))
+    ax.set_axis_off()
+    ax.set_title(f"{Path(loc.photo).name}: {len(loc.crack_tiles)} of {len(loc.tiles)} tiles crack, "
+                 f"{loc.crack_fraction():.1%} of the surface (threshold {loc.threshold:.2f})", fontsize=10)
+    cbar = fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01)
+    cbar.set_label("crack probability")
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+SUMMARY_FIELDS = ["photo", "width", "height", "tiles", "crack_tiles", "crack_fraction", "max_probability",
+                  "threshold", "error"]
+
+
+def summary_row(loc: Localization) -> dict:
+    return {
+        "photo": loc.photo, "width": loc.width, "height": loc.height, "tiles": len(loc.tiles),
+        "crack_tiles": len(loc.crack_tiles), "crack_fraction": f"{loc.crack_fraction():.4f}",
+        "max_probability": f"{max(t.probability for t in loc.tiles):.4f}", "threshold": f"{loc.threshold:.4f}",
+        "error": "",
+    }
+
+
+def write_summary(rows: list[dict], path: Path) -> None:
+    with atomic_write(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=SUMMARY_FIELDS)
+        w.writeheader()
+        w.writerows(rows)

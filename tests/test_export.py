@@ -1,0 +1,61 @@
+"""ONNX / TorchScript export agrees with PyTorch on real images."""
+import csv
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from crack_lightning.checkpoint import load_model
+from crack_lightning.images import decode_image
+from crack_lightning.transforms import preprocess_batch
+from conftest import SAMPLE, run_cli
+
+
+@pytest.fixture(scope="module")
+def exported(trained_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export")
+    res = run_cli("predict.py", "--checkpoint", str(trained_run / "checkpoints/frozen/best.ckpt"), "--export", str(out))
+    assert res.returncode == 0, res.stderr
+    return out
+
+
+def real_batch(pre, n=8):
+    files = sorted((SAMPLE / "Positive").glob("*.jpg"))[:n // 2] + sorted((SAMPLE / "Negative").glob("*.jpg"))[:n // 2]
+    return preprocess_batch([decode_image(f) for f in files], pre)
+
+
+def test_exported_models_match_pytorch(trained_run, exported):
+    model = load_model(trained_run / "checkpoints/frozen/best.ckpt")
+    x = real_batch(model.pre)
+    with torch.no_grad():
+        expected = torch.sigmoid(model(x)).numpy()
+    assert expected.min() < 0.5 < expected.max()  # real crack and no-crack images, both answered
+    sess = ort.InferenceSession(str(exported / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"image": x.numpy()})[0]
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    ts = torch.jit.load(str(exported / "model.torchscript.pt"))
+    np.testing.assert_allclose(ts(x).detach().numpy(), expected, atol=1e-4)
+    meta = json.loads((exported / "model.json").read_text())
+    assert meta["preprocessing"] == model.pre.to_dict()
+    assert meta["threshold"] == pytest.approx(float(model.threshold))
+    assert meta["class_names"] == ["Negative", "Positive"]
+
+
+def test_predict_with_onnx_matches_pytorch(trained_run, exported, tmp_path):
+    args = [str(SAMPLE / "Positive"), "--workers", "0"]
+    assert run_cli("predict.py", "--checkpoint", str(exported / "model.onnx"), *args,
+                   "--output", str(tmp_path / "onnx.csv")).returncode == 0
+    assert run_cli("predict.py", "--checkpoint", str(trained_run / "checkpoints/frozen/best.ckpt"), *args,
+                   "--output", str(tmp_path / "torch.csv")).returncode == 0
+
+    def probs(name):
+        with open(tmp_path / name) as f:
+            return {r["path"]: (float(r["probability"]), r["label"]) for r in csv.DictReader(f)}
+
+    a, b = probs("onnx.csv"), probs("torch.csv")
+    assert a.keys() == b.keys() and len(a) == 100
+    for k in a:
+        assert a[k][0] == pytest.approx(b[k][0], abs=1e-4)
+        assert a[k][1] == b[k][1]
