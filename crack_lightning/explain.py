@@ -32,7 +32,7 @@ def grad_cam(model: CrackClassifier, x: torch.Tensor) -> tuple[np.ndarray, float
     cam = F.relu((weights * feats).sum(1, keepdim=True))
     cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
     cam = cam / cam.max() if float(cam.max()) > 0 else cam
-    return cam.detach().numpy(), float(torch.sigmoid(logit))
+    return cam.detach().numpy(), float(torch.sigmoid(logit.detach()))
 
 
 def explain_file(model: CrackClassifier, path: str | Path, out_path: str | Path) -> float:

@@ -22,14 +22,17 @@ CONTRACT_VERSION = 1
 
 
 class ProbabilityModel(nn.Module):
-    """The classifier with the sigmoid folded in: images in, probability of crack out."""
+    """The classifier with the sigmoid folded in: images in, probability of crack out.
+
+    Holds the plain backbone and head (not the LightningModule, which tracing cannot walk).
+    """
 
     def __init__(self, model: CrackClassifier):
         super().__init__()
-        self.model = model
+        self.backbone, self.head = model.backbone, model.head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.model(x))
+        return torch.sigmoid(self.head(self.backbone(x)).squeeze(1))
 
 
 def contract(model: CrackClassifier) -> dict:
