@@ -66,8 +66,14 @@ def train_main(argv: list[str]) -> int:
         return 0
     if resume and not cfg.run_name:
         raise ConfigError("--resume needs the run to continue: pass --run_name NAME (the folder under output_dir)")
+    import signal
+
     from .training import train
 
+    def _terminate(signum, frame):  # SIGTERM (e.g. a scheduler's kill) ends the run like Ctrl+C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminate)
     result = train(cfg, resume=resume)
     test = result["after"].get("test")
     if test:

@@ -193,6 +193,9 @@ def _validate(cfg: Config) -> None:
     for key, v in non_negative.items():
         if v < 0:
             raise ConfigError(f"{key}: must be >= 0, got {v}")
+    name = cfg.run_name
+    if name and (name in (".", "..") or "/" in name or "\\" in name or name.startswith("~")):
+        raise ConfigError(f"run_name must be a plain folder name (no '/', '..'), got {name!r}")
     if not 0.0 <= cfg.train.label_smoothing < 0.5:
         raise ConfigError(f"train.label_smoothing: must be in [0, 0.5), got {cfg.train.label_smoothing}")
 

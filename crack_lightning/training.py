@@ -17,20 +17,21 @@ import csv
 import datetime as dt
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.model_summary import ModelSummary
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .checkpoint import read_checkpoint, save_release
-from .config import Config, dump_yaml
+from .config import Config, ConfigError, dump_yaml
 from .data import (CrackDataModule, Record, TensorItems, check_no_leak, class_counts, label_conflicts,
                    read_split_csv, scan, split_records, subsample, write_split_csv)
 from .io import atomic_write, write_json, write_text
@@ -48,6 +49,34 @@ def run_dir_for(cfg: Config) -> Path:
     name = cfg.run_name or os.environ.get(RUN_NAME_ENV) or dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     os.environ[RUN_NAME_ENV] = name
     return Path(cfg.output_dir) / name
+
+
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    """Refuse to overwrite an earlier run, or to resume one that is not there; check we can write."""
+    started = (run_dir / "config.yaml").is_file()
+    if resume and not started:
+        raise ConfigError(f"--resume: no run to continue in {run_dir}")
+    if not resume and started:
+        raise ConfigError(f"{run_dir} already holds a run: add --resume to continue it, or choose another --run_name")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"cannot write to the output folder {run_dir}: {exc.strerror or exc}") from exc
+
+
+class InterruptNotice(Callback):
+    """Tell the user how to continue after Ctrl+C / SIGTERM (Lightning then exits)."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        if isinstance(exception, KeyboardInterrupt) and trainer.is_global_zero:
+            print(f"\ninterrupted: checkpoints of finished epochs are in {self.run_dir / 'checkpoints'}; continue with "
+                  f"the same command plus --resume --run_name {self.run_dir.name}", file=sys.stderr)
 
 
 def build_model(cfg: Config) -> CrackClassifier:
@@ -117,6 +146,7 @@ def make_trainer(cfg: Config, run_dir: Path, stage: str | None, epochs: int = 1,
             ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=cfg.train.monitor, mode=mode, save_last=True,
                             save_top_k=1, enable_version_counter=False),
             EarlyStopping(monitor=cfg.train.monitor, mode=mode, patience=patience),
+            InterruptNotice(run_dir),
         ]
         logger = CSVLogger(run_dir, name="logs", version=stage)
     return L.Trainer(
@@ -166,12 +196,14 @@ def run_stage(cfg: Config, model: CrackClassifier, dm: CrackDataModule, run_dir:
     epochs = min(sc.epochs, cfg.trainer.max_epochs) if cfg.trainer.max_epochs > 0 else sc.epochs
     trainer = make_trainer(cfg, run_dir, stage, epochs, sc.patience)
     last = run_dir / "checkpoints" / stage / "last.ckpt"
-    trainer.fit(model, datamodule=dm, ckpt_path=str(last) if resume and last.is_file() else None)
+    resume_from = last if resume and last.is_file() else None
+    start_epoch = int(read_checkpoint(resume_from).get("epoch", -1)) + 1 if resume_from else 0
+    trainer.fit(model, datamodule=dm, ckpt_path=str(resume_from) if resume_from else None)
     ckpt_cb = trainer.checkpoint_callback
     best = ckpt_cb.best_model_path or ckpt_cb.last_model_path
     if best:
         _load_weights(model, best)
-    info = {"best": best, "best_score": float(ckpt_cb.best_model_score) if ckpt_cb.best_model_score is not None
+    info = {"best": best, "resumed_from_epoch": start_epoch, "best_score": float(ckpt_cb.best_model_score) if ckpt_cb.best_model_score is not None
             else None, "epochs_run": trainer.current_epoch, "stopped_early": trainer.current_epoch < epochs,
             "world_size": trainer.world_size}
     if trainer.is_global_zero:
@@ -198,7 +230,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     run_dir = run_dir_for(cfg)
     if is_global_zero():
-        run_dir.mkdir(parents=True, exist_ok=True)
+        check_run_dir(run_dir, resume)
         write_text(run_dir / "config.yaml", dump_yaml(cfg))
     model = build_model(cfg)
     records = prepare_data(cfg, run_dir, resume)
