@@ -104,8 +104,10 @@ def predict_parser():
     p.add_argument("--export", default=None, metavar="DIR",
                    help="export the checkpoint to DIR as ONNX + TorchScript + contract JSON, then exit")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2, help="decode worker processes")
+    p.add_argument("--engine", default="auto", choices=["auto", "torch", "onnx"],
+                   help="auto: ONNX Runtime on CPU (2-3x faster), PyTorch on GPU")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=1, help="decode worker processes")
     p.add_argument("--threshold", type=float, default=None, help="override the threshold stored in the checkpoint")
     return p
 
@@ -159,12 +161,14 @@ def predict_main(argv: list[str]) -> int:
         if out_dir.exists() and not out_dir.is_dir():
             raise ConfigError(f"--output must be a folder with --localize/--explain: {out_dir} is a file")
         out_dir.mkdir(parents=True, exist_ok=True)
-        predictor = Predictor(args.checkpoint, args.device, args.batch_size, args.workers, args.threshold)
+        predictor = Predictor(args.checkpoint, args.device, args.batch_size, args.workers, args.threshold,
+                              args.engine)
         return (_localize if args.localize else _explain)(predictor, paths, out_dir, args)
     out = Path(args.output or "predictions.csv")
     if out.is_dir():
         raise ConfigError(f"--output must be a file path, {out} is a folder")
-    predictor = Predictor(args.checkpoint, args.device, args.batch_size, args.workers, args.threshold)
+    predictor = Predictor(args.checkpoint, args.device, args.batch_size, args.workers, args.threshold,
+                              args.engine)
     rows = write_rows(predictor.iter_rows(paths), out)
     errors = [r for r in rows if r.error]
     names = predictor.class_names

@@ -66,6 +66,7 @@ class TrainConfig:
     frozen: StageConfig = field(default_factory=lambda: StageConfig(epochs=10, lr=1e-3))
     finetune: StageConfig = field(default_factory=lambda: StageConfig(epochs=0, lr=1e-4))
     cache_features: bool = False  # frozen stage: run the backbone once, train the head on stored features
+    feature_engine: Literal["auto", "torch", "onnx"] = "auto"  # auto: ONNX Runtime on CPU, PyTorch on GPU
     label_smoothing: float = 0.0
     monitor: Literal["val_loss", "val_f1", "val_acc"] = "val_loss"
     threshold_rule: Literal["f1", "fixed"] = "f1"  # how the decision threshold is chosen on validation

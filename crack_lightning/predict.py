@@ -102,6 +102,7 @@ class Predictor:
     batch_size: int = 64
     num_workers: int = 2
     threshold: float | None = None
+    engine: str = "auto"  # auto: ONNX Runtime on CPU, PyTorch on GPU; or "torch" / "onnx"
     model: object = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -117,10 +118,20 @@ class Predictor:
             stored = float(self.model.threshold)
         if self.threshold is None:
             self.threshold = stored
+        if self.engine not in ("auto", "torch", "onnx"):
+            raise ValueError(f"engine must be auto, torch or onnx, got {self.engine!r}")
+        self._run = None
+        if isinstance(self.model, torch.nn.Module) and (
+                self.engine == "onnx" or (self.engine == "auto" and str(self.device) == "cpu")):
+            from .export import ProbabilityModel, onnx_runner
+
+            self._run = onnx_runner(ProbabilityModel(self.model).float(), self.pre.size)
 
     @torch.inference_mode()
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
         """Crack probabilities for a batch already through :func:`eval_transform`."""
+        if self._run is not None:
+            return self._run(batch)
         if not isinstance(self.model, torch.nn.Module):
             return self.model(batch)
         x = batch.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)

@@ -48,7 +48,7 @@ def test_predict_with_onnx_matches_pytorch(trained_run, exported, tmp_path):
     assert run_cli("predict.py", "--checkpoint", str(exported / "model.onnx"), *args,
                    "--output", str(tmp_path / "onnx.csv")).returncode == 0
     assert run_cli("predict.py", "--checkpoint", str(trained_run / "checkpoints/frozen/best.ckpt"), *args,
-                   "--output", str(tmp_path / "torch.csv")).returncode == 0
+                   "--output", str(tmp_path / "torch.csv"), "--engine", "torch").returncode == 0
 
     def probs(name):
         with open(tmp_path / name) as f:

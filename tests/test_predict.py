@@ -46,13 +46,14 @@ def test_predict_matches_training_evaluation(trained_run, tmp_path):
     expected = {r["path"]: float(r["probability"]) for r in read(trained_run / "test_predictions.csv")}
     files = sorted(expected)[:10]
     out = tmp_path / "p.csv"
-    res = run_cli("predict.py", "--checkpoint", str(trained_run / "checkpoints/frozen/best.ckpt"), *files,
-                  "--output", str(out), "--workers", "0")
-    assert res.returncode == 0, res.stderr
-    got = {r["path"]: float(r["probability"]) for r in read(out)}
-    assert len(got) == 10
-    for path in files:
-        assert got[path] == pytest.approx(expected[path], abs=1e-5)
+    for engine, tol in (("torch", 1e-5), ("onnx", 1e-4)):
+        res = run_cli("predict.py", "--checkpoint", str(trained_run / "checkpoints/frozen/best.ckpt"), *files,
+                      "--output", str(out), "--workers", "0", "--engine", engine)
+        assert res.returncode == 0, res.stderr
+        got = {r["path"]: float(r["probability"]) for r in read(out)}
+        assert len(got) == 10
+        for path in files:
+            assert got[path] == pytest.approx(expected[path], abs=tol), engine
 
 
 def test_threshold_override_and_globs(trained_run, labelled, tmp_path):
