@@ -65,17 +65,11 @@ class Localization:
     def crack_tiles(self) -> list[Tile]:
         return [t for t in self.tiles if t.probability >= self.threshold]
 
-    def crack_mask(self, scale: int = 1) -> np.ndarray:
-        """Boolean surface covered by at least one crack tile (downsampled by ``scale``)."""
-        mask = np.zeros((self.height // scale + 1, self.width // scale + 1), bool)
-        for t in self.crack_tiles:
-            mask[t.y // scale:(t.y + t.height) // scale, t.x // scale:(t.x + t.width) // scale] = True
-        return mask
-
     def crack_fraction(self) -> float:
+        """Share of the surface whose mean tile probability reaches the threshold (the outlined area)."""
         scale = max(1, min(self.width, self.height) // 500)
-        mask = self.crack_mask(scale)[: self.height // scale, : self.width // scale]
-        return float(mask.mean()) if mask.size else 0.0
+        heat = self.heat(scale)[: self.height // scale, : self.width // scale]
+        return float((heat >= self.threshold).mean()) if heat.size else 0.0
 
     def heat(self, scale: int) -> np.ndarray:
         """Per-pixel mean probability over the overlapping tiles, downsampled by ``scale``."""
@@ -114,23 +108,30 @@ def write_tiles_csv(loc: Localization, path: Path) -> None:
 
 
 def write_heatmap(loc: Localization, image: np.ndarray, path: Path, max_side: int = 1600) -> None:
-    """The photo (downscaled) with crack probability overlaid and crack tiles outlined."""
+    """The photo (downscaled) with crack probability as a red veil and the crack area outlined.
+
+    The veil's opacity grows with the probability, so clean surface stays
+    untouched and the cracks themselves remain visible under the colour.
+    """
     scale = max(1, int(np.ceil(max(loc.width, loc.height) / max_side)))
     small = np.asarray(Image.fromarray(image).reduce(scale)) if scale > 1 else image
     heat = loc.heat(scale)[: small.shape[0], : small.shape[1]]
     fig_w = 10
     fig, ax = plt.subplots(figsize=(fig_w, fig_w * small.shape[0] / small.shape[1] + 0.8))
     ax.imshow(small)
-    masked = np.ma.masked_less(heat, 0.5 * loc.threshold)
-    im = ax.imshow(masked, cmap="inferno_r", vmin=0, vmax=1, alpha=0.55, interpolation="nearest")
-    for t in loc.crack_tiles:
-        ax.add_patch(plt.Rectangle((t.x / scale, t.y / scale), t.width / scale, t.height / scale, fill=False,
-                                   edgecolor="red", lw=0.8, alpha=0.8))
+    veil = np.zeros(heat.shape + (4,), np.float32)
+    veil[..., 0] = 1.0
+    veil[..., 3] = np.where(heat >= 0.5 * loc.threshold, 0.15 + 0.45 * heat, 0.0)
+    ax.imshow(veil, interpolation="nearest")
+    if heat.max() >= loc.threshold > heat.min():
+        ax.contour(heat, levels=[loc.threshold], colors="yellow", linewidths=1.2)
     ax.set_axis_off()
     ax.set_title(f"{Path(loc.photo).name}: {len(loc.crack_tiles)} of {len(loc.tiles)} tiles crack, "
-                 f"{loc.crack_fraction():.1%} of the surface (threshold {loc.threshold:.2f})", fontsize=10)
-    cbar = fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01)
-    cbar.set_label("crack probability")
+                 f"{loc.crack_fraction():.1%} of the surface (yellow line: threshold {loc.threshold:.2f})",
+                 fontsize=10)
+    sm = plt.cm.ScalarMappable(cmap=matplotlib.colors.LinearSegmentedColormap.from_list(
+        "veil", [(1, 1, 1, 0), (1, 0, 0, 0.6)]), norm=plt.Normalize(0, 1))
+    fig.colorbar(sm, ax=ax, fraction=0.03, pad=0.01, label="crack probability")
     with atomic_write(path, "wb") as f:
         fig.savefig(f, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)

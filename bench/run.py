@@ -1,0 +1,294 @@
+#!/usr/bin/env python
+"""Speed benchmarks on whatever machine runs them; writes bench/results.json and bench/results.md.
+
+    python bench/run.py --data ../shared/data/mendeley --run runs/mendeley_lite0_ort
+
+1. data pipeline: images/s for ONE worker (decode + train augmentation, decode + eval preprocessing)
+2. CPU prediction from JPEG files to CSV: predict.py's Predictor as shipped vs a plain baseline
+   (timm model, PIL decode, torchvision transforms, eager fp32, default memory format, batch 32), same images
+3. training throughput: frozen-backbone stage and full fine-tuning, ours vs the same plain baseline
+4. time to accuracy: wall time and test accuracy of a full training run (its metrics.json)
+
+Every figure is measured in this run, on this machine; nothing is asserted.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from crack_lightning.checkpoint import load_model  # noqa: E402
+from crack_lightning.data import list_images  # noqa: E402
+from crack_lightning.images import decode_image  # noqa: E402
+from crack_lightning.predict import Predictor, write_rows  # noqa: E402
+from crack_lightning.training import feature_extractor  # noqa: E402
+from crack_lightning.transforms import eval_transform, train_transform  # noqa: E402
+
+
+def hardware() -> dict:
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"machine": platform.machine(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "gpu": gpu, "torch": torch.__version__}
+
+
+def sample_files(root: Path, n: int) -> list[Path]:
+    files = []
+    for cls in ("Positive", "Negative"):
+        files += list_images(root / cls)[: n // 2]
+    return files
+
+
+def rate(n: int, seconds: float) -> float:
+    return round(n / seconds, 1)
+
+
+# ---------------------------------------------------------------- 1. data pipeline
+def bench_pipeline(files: list[Path], pre) -> dict:
+    out = {}
+    for name, tf in (("train_decode_augment", train_transform(pre, "light")), ("eval_decode_preprocess",
+                                                                             eval_transform(pre))):
+        t0 = time.perf_counter()
+        for f in files:
+            tf(image=decode_image(f))
+        out[name] = {"images_per_s_per_worker": rate(len(files), time.perf_counter() - t0), "images": len(files),
+                     "image_size": pre.size}
+    return out
+
+
+# ---------------------------------------------------------------- 2. prediction
+class PlainFiles(Dataset):
+    """Baseline input pipeline: PIL decode + torchvision transforms."""
+
+    def __init__(self, files, pre):
+        from torchvision import transforms as T
+
+        self.files = files
+        self.tf = T.Compose([T.Resize((pre.size, pre.size)), T.ToTensor(), T.Normalize(pre.mean, pre.std)])
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        with Image.open(self.files[i]) as im:
+            return self.tf(im.convert("RGB")), i
+
+
+def plain_model(checkpoint: Path) -> torch.nn.Module:
+    m = load_model(checkpoint)
+    return torch.nn.Sequential(m.backbone, m.head).eval()  # eager fp32, default memory format
+
+
+def bench_predict(files: list[Path], checkpoint: Path, workers: int, batch: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        # ours, as shipped (predict.py defaults)
+        t0 = time.perf_counter()
+        predictor = Predictor(checkpoint, num_workers=workers, batch_size=batch)
+        load_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        rows = write_rows(predictor.iter_rows(files, progress=False), Path(tmp) / "ours.csv")
+        ours_s = time.perf_counter() - t0
+        assert len(rows) == len(files)
+        # plain baseline
+        model = plain_model(checkpoint)
+        loader = DataLoader(PlainFiles(files, predictor.pre), batch_size=32, num_workers=workers)
+        t0 = time.perf_counter()
+        with torch.no_grad(), open(Path(tmp) / "plain.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            for x, idx in loader:
+                for i, p in zip(idx.tolist(), torch.sigmoid(model(x).squeeze(1)).tolist()):
+                    w.writerow([files[i], p])
+        plain_s = time.perf_counter() - t0
+    return {
+        "images": len(files), "image_size": predictor.pre.size, "decode_workers": workers,
+        "ours": {"images_per_s": rate(len(files), ours_s), "batch": batch, "engine": "onnxruntime"
+                 if predictor._run is not None else "torch", "model_load_s": round(load_s, 2)},
+        "plain_baseline": {"images_per_s": rate(len(files), plain_s), "batch": 32, "engine": "torch eager fp32"},
+        "speedup": round(plain_s / ours_s, 2),
+    }
+
+
+# ---------------------------------------------------------------- 3. training
+def train_steps(model, loader, steps: int, frozen: bool, channels_last: bool) -> float:
+    """Seconds per image for ``steps`` optimiser steps (after one warm-up step)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    it = iter(loader)
+    done = 0
+    t0 = None
+    for step in range(steps + 1):
+        x, y = next(it)[:2]
+        if step == 1:
+            t0, done = time.perf_counter(), 0
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if frozen:
+            with torch.no_grad():
+                feats = model.backbone(x)
+            logits = model.head(feats).squeeze(1)
+        else:
+            logits = model.head(model.backbone(x)).squeeze(1)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y.float())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        done += len(y)
+    return (time.perf_counter() - t0) / done
+
+
+class LabelledFiles(Dataset):
+    def __init__(self, files, tf):
+        self.files, self.tf = files, tf
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        return self.tf(image=decode_image(self.files[i]))["image"], float("Positive" in str(self.files[i]))
+
+
+def bench_training(files: list[Path], checkpoint: Path, workers: int, steps: int, epochs: int) -> dict:
+    model = load_model(checkpoint)
+    pre = model.pre
+    plain_loader = DataLoader(PlainLabelled(files, pre), batch_size=32, num_workers=workers, shuffle=True)
+    out = {"image_size": pre.size, "batch": 32, "decode_workers": workers}
+
+    # frozen stage, plain: every epoch decodes, augments and runs the backbone again
+    model.freeze_backbone(True)
+    model.train()
+    plain_frozen = 1 / train_steps(model, plain_loader, steps, frozen=True, channels_last=False)
+    # frozen stage, ours: backbone once (ONNX Runtime), then the head trains on stored features
+    extract = feature_extractor(model, "auto")
+    ev = DataLoader(LabelledFiles(files, eval_transform(pre)), batch_size=32, num_workers=workers)
+    t0 = time.perf_counter()
+    feats, labels = [], []
+    for x, y in ev:
+        feats.append(extract(x))
+        labels.append(y)
+    feat_s = (time.perf_counter() - t0) / len(files)
+    feats, labels = torch.cat(feats), torch.cat(labels).float()
+    head = torch.nn.Linear(feats.shape[1], 1)
+    opt = torch.optim.AdamW(head.parameters(), lr=1e-3)
+    t0 = time.perf_counter()
+    reps = 20
+    for _ in range(reps):
+        for i in range(0, len(feats), 32):
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(head(feats[i:i + 32]).squeeze(1),
+                                                                        labels[i:i + 32])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    head_s = (time.perf_counter() - t0) / (reps * len(feats))
+    ours_frozen = epochs / (feat_s + epochs * head_s)
+    out["frozen"] = {
+        "plain_baseline_images_per_s": round(plain_frozen, 1),
+        "ours_feature_extraction_images_per_s": round(1 / feat_s, 1),
+        "ours_head_epoch_images_per_s": round(1 / head_s, 1),
+        "epochs_assumed": epochs,
+        "ours_effective_images_per_s": round(ours_frozen, 1),
+        "speedup": round(ours_frozen / plain_frozen, 2),
+    }
+    # full fine-tuning: plain (default memory format) vs ours (channels_last, albumentations pipeline)
+    model.freeze_backbone(False)
+    model.train()
+    plain_ft = 1 / train_steps(model, plain_loader, steps, frozen=False, channels_last=False)
+    model = model.to(memory_format=torch.channels_last)
+    ours_loader = DataLoader(LabelledFiles(files, train_transform(pre, "light")), batch_size=32,
+                             num_workers=workers, shuffle=True)
+    ours_ft = 1 / train_steps(model, ours_loader, steps, frozen=False, channels_last=True)
+    out["finetune"] = {"plain_baseline_images_per_s": round(plain_ft, 1), "ours_images_per_s": round(ours_ft, 1),
+                       "speedup": round(ours_ft / plain_ft, 2), "steps": steps}
+    return out
+
+
+class PlainLabelled(PlainFiles):
+    def __getitem__(self, i):
+        x, _ = super().__getitem__(i)
+        return x, float("Positive" in str(self.files[i]))
+
+
+# ---------------------------------------------------------------- 4. time to accuracy
+def time_to_accuracy(run: Path | None) -> dict | None:
+    if not run or not (run / "metrics.json").is_file():
+        return None
+    m = json.loads((run / "metrics.json").read_text())
+    return {"run": str(run), "wall_time_s": m["wall_time_s"], "test_acc": m["after"]["test"]["acc"],
+            "test_f1": m["after"]["test"]["f1"], "hardware": m["hardware"],
+            "note": "wall time of the whole run from a cold start: scan, split, features, baseline, training, test"}
+
+
+def table(r: dict) -> str:
+    p, t = r["predict"], r["training"]
+    lines = [
+        f"Hardware: {r['hardware']['machine']} {r['hardware']['cpu_count']} cores, torch threads "
+        f"{r['hardware']['torch_threads']}, GPU: {r['hardware']['gpu'] or 'none'}; image size {p['image_size']}",
+        "",
+        "| measurement | plain baseline | crack_lightning | ratio |",
+        "|---|---|---|---|",
+        f"| data: decode + train aug, img/s per worker | | {r['pipeline']['train_decode_augment']['images_per_s_per_worker']} | |",
+        f"| data: decode + eval preprocessing, img/s per worker | | {r['pipeline']['eval_decode_preprocess']['images_per_s_per_worker']} | |",
+        f"| predict, JPEG -> CSV, img/s ({p['images']} images, {p['decode_workers']} decode worker) | "
+        f"{p['plain_baseline']['images_per_s']} (batch 32) | {p['ours']['images_per_s']} ({p['ours']['engine']}, "
+        f"batch {p['ours']['batch']}) | {p['speedup']}x |",
+        f"| training, frozen backbone, img/s ({t['frozen']['epochs_assumed']} epochs) | "
+        f"{t['frozen']['plain_baseline_images_per_s']} | {t['frozen']['ours_effective_images_per_s']} "
+        f"(features {t['frozen']['ours_feature_extraction_images_per_s']} once, head "
+        f"{t['frozen']['ours_head_epoch_images_per_s']}/epoch) | {t['frozen']['speedup']}x |",
+        f"| training, full fine-tuning, img/s | {t['finetune']['plain_baseline_images_per_s']} | "
+        f"{t['finetune']['ours_images_per_s']} | {t['finetune']['speedup']}x |",
+    ]
+    tta = r.get("time_to_accuracy")
+    if tta:
+        lines.append(f"| full data, cold start to tested model | | {tta['wall_time_s']:.0f} s, test acc "
+                     f"{tta['test_acc']:.4f} | |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default="data/sample", help="folder with Positive/ and Negative/ JPEGs")
+    ap.add_argument("--checkpoint", default="models/crack_lite0.pt")
+    ap.add_argument("--run", default=None, help="a finished full-data run folder, for time to accuracy")
+    ap.add_argument("--images", type=int, default=1000)
+    ap.add_argument("--train-images", type=int, default=320)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--epochs", type=int, default=20, help="frozen-stage epochs assumed for the effective rate")
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--out", default="bench/results.json")
+    args = ap.parse_args()
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    root = Path(args.data)
+    files = sample_files(root, args.images)
+    pre = load_model(args.checkpoint).pre
+    results = {"hardware": hardware(), "data": str(root)}
+    print("1/4 data pipeline ...", flush=True)
+    results["pipeline"] = bench_pipeline(files[:400], pre)
+    print("2/4 prediction ...", flush=True)
+    results["predict"] = bench_predict(files, Path(args.checkpoint), args.workers, 32)
+    print("3/4 training ...", flush=True)
+    results["training"] = bench_training(sample_files(root, args.train_images), Path(args.checkpoint),
+                                         args.workers, args.steps, args.epochs)
+    print("4/4 time to accuracy ...", flush=True)
+    results["time_to_accuracy"] = time_to_accuracy(Path(args.run) if args.run else None)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    md = table(results)
+    Path(args.out).with_suffix(".md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
