@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from crack_lightning.checkpoint import load_model  # noqa: E402
 from crack_lightning.data import list_images  # noqa: E402
 from crack_lightning.images import decode_image  # noqa: E402
+from crack_lightning.io import write_results  # noqa: E402
 from crack_lightning.predict import Predictor, write_rows  # noqa: E402
 from crack_lightning.training import feature_extractor  # noqa: E402
 from crack_lightning.transforms import eval_transform, train_transform  # noqa: E402
@@ -282,11 +283,7 @@ def main() -> int:
                                          args.workers, args.steps, args.epochs)
     print("4/4 time to accuracy ...", flush=True)
     results["time_to_accuracy"] = time_to_accuracy(Path(args.run) if args.run else None)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    md = table(results)
-    Path(args.out).with_suffix(".md").write_text(md)
-    print(md)
+    write_results(args.out, results, table(results))
     return 0
 
 

@@ -67,6 +67,7 @@ class TrainConfig:
     finetune: StageConfig = field(default_factory=lambda: StageConfig(epochs=0, lr=1e-4))
     cache_features: bool = False  # frozen stage: run the backbone once, train the head on stored features
     feature_engine: Literal["auto", "torch", "onnx"] = "auto"  # auto: ONNX Runtime on CPU, PyTorch on GPU
+    feature_views: int = 0  # cached features: extra augmented views (data.augment) of every training image
     label_smoothing: float = 0.0
     monitor: Literal["val_loss", "val_f1", "val_acc"] = "val_loss"
     threshold_rule: Literal["f1", "fixed"] = "f1"  # how the decision threshold is chosen on validation
@@ -190,6 +191,7 @@ def _validate(cfg: Config) -> None:
         "data.num_workers": d.num_workers, "data.max_per_class": d.max_per_class,
         "train.frozen.epochs": cfg.train.frozen.epochs, "train.finetune.epochs": cfg.train.finetune.epochs,
         "model.image_size": cfg.model.image_size, "trainer.max_epochs": cfg.trainer.max_epochs,
+        "train.feature_views": cfg.train.feature_views,
     }
     for key, v in non_negative.items():
         if v < 0:

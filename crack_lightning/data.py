@@ -202,6 +202,10 @@ class TensorItems(Dataset):
     def __init__(self, features: torch.Tensor, labels: torch.Tensor):
         self.features, self.labels = features, labels
 
+    @classmethod
+    def concat(cls, parts: Sequence["TensorItems"]) -> "TensorItems":
+        return cls(torch.cat([p.features for p in parts]), torch.cat([p.labels for p in parts]))
+
     def __len__(self) -> int:
         return len(self.labels)
 
@@ -244,9 +248,10 @@ class CrackDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.dataset("test"), shuffle=False)
 
-    def eval_loader(self, name: str) -> DataLoader:
-        """Images of split ``name`` with the eval transform, never cached features."""
-        return self._loader(ImageDataset(self.split(name), eval_transform(self.pre)), shuffle=False)
+    def eval_loader(self, name: str, augment: bool = False) -> DataLoader:
+        """Images of split ``name`` in order, never cached features (``augment``: train transform)."""
+        tf = train_transform(self.pre, self.cfg.augment) if augment else eval_transform(self.pre)
+        return self._loader(ImageDataset(self.split(name), tf), shuffle=False)
 
 
 def class_counts(records: list[Record]) -> dict[str, dict[int, int]]:

@@ -39,6 +39,13 @@ def write_json(path: str | Path, obj: Any) -> None:
         f.write("\n")
 
 
+def write_results(path: str | Path, results: Any, markdown: str) -> None:
+    """A benchmark's numbers as ``path`` (JSON) and the readable table beside it (``.md``); echo the table."""
+    write_json(path, results)
+    write_text(Path(path).with_suffix(".md"), markdown)
+    print(markdown)
+
+
 def write_text(path: str | Path, text: str) -> None:
     with atomic_write(path, "w") as f:
         f.write(text)
