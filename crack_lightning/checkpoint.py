@@ -18,7 +18,7 @@ from .model import CrackClassifier
 from .weights import WeightsError
 
 RELEASE_FORMAT = "crack_lightning.release/1"
-MODEL_ARGS = ("backbone", "drop_rate", "image_size", "class_names", "threshold_rule")
+MODEL_ARGS = ("backbone", "drop_rate", "image_size", "class_names", "threshold_rule", "target_fpr")
 
 
 class CheckpointError(ValueError):

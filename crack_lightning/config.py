@@ -70,7 +70,8 @@ class TrainConfig:
     feature_views: int = 0  # cached features: extra augmented views (data.augment) of every training image
     label_smoothing: float = 0.0
     monitor: Literal["val_loss", "val_f1", "val_acc"] = "val_loss"
-    threshold_rule: Literal["f1", "fixed"] = "f1"  # how the decision threshold is chosen on validation
+    threshold_rule: Literal["f1", "fpr", "fixed"] = "f1"  # how the decision threshold is chosen on validation
+    target_fpr: float = 0.001  # threshold_rule fpr: lowest threshold with validation false-positive rate <= this
 
 
 @dataclass
@@ -199,6 +200,8 @@ def _validate(cfg: Config) -> None:
     name = cfg.run_name
     if name and (name in (".", "..") or "/" in name or "\\" in name or name.startswith("~")):
         raise ConfigError(f"run_name must be a plain folder name (no '/', '..'), got {name!r}")
+    if not 0.0 <= cfg.train.target_fpr < 1.0:
+        raise ConfigError(f"train.target_fpr: must be in [0, 1), got {cfg.train.target_fpr}")
     if not 0.0 <= cfg.train.label_smoothing < 0.5:
         raise ConfigError(f"train.label_smoothing: must be in [0, 0.5), got {cfg.train.label_smoothing}")
 

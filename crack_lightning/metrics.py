@@ -10,11 +10,13 @@ import torch
 from torchmetrics.functional.classification import binary_auroc
 
 
-def choose_threshold(probs: torch.Tensor, labels: torch.Tensor, rule: str = "f1") -> float:
+def choose_threshold(probs: torch.Tensor, labels: torch.Tensor, rule: str = "f1", target_fpr: float = 0.001) -> float:
     """Pick the decision threshold on validation data.
 
-    ``f1``: the threshold that maximises F1 (ties: the one nearest 0.5), placed
-    half-way between neighbouring probabilities so it generalises. ``fixed``: 0.5.
+    ``f1``: the threshold that maximises F1 (ties: the one nearest 0.5).
+    ``fpr``: recall first, as an inspector wants: the lowest threshold whose
+    false-positive rate stays within ``target_fpr``. ``fixed``: 0.5.
+    Thresholds sit half-way between neighbouring probabilities so they generalise.
     """
     probs = probs.detach().double().flatten().cpu()
     labels = labels.detach().flatten().cpu().bool()
@@ -24,13 +26,16 @@ def choose_threshold(probs: torch.Tensor, labels: torch.Tensor, rule: str = "f1"
     p, y = probs[order], labels[order]
     tp = torch.cumsum(y.double(), 0)
     fp = torch.cumsum((~y).double(), 0)
-    f1 = 2 * tp / (tp + fp + y.sum())
-    # only cut between distinct probabilities
-    distinct = torch.ones_like(p, dtype=torch.bool)
-    distinct[:-1] = p[:-1] != p[1:]
-    f1 = torch.where(distinct, f1, torch.full_like(f1, -1.0))
     nxt = torch.cat([p[1:], p.new_zeros(1)])
     cuts = (p + nxt) / 2
+    distinct = torch.ones_like(p, dtype=torch.bool)  # only cut between distinct probabilities
+    distinct[:-1] = p[:-1] != p[1:]
+    if rule == "fpr":
+        allowed = int(target_fpr * int((~y).sum()))
+        ok = torch.nonzero((fp <= allowed) & distinct).flatten()
+        return float(cuts[int(ok.max())]) if len(ok) else float(p[0]) + 1e-9
+    f1 = 2 * tp / (tp + fp + y.sum())
+    f1 = torch.where(distinct, f1, torch.full_like(f1, -1.0))
     best = f1.max()
     candidates = cuts[f1 >= best - 1e-12]
     return float(candidates[torch.argmin((candidates - 0.5).abs())])

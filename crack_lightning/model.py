@@ -39,6 +39,7 @@ class CrackClassifier(L.LightningModule):
         weight_decay: float = 1e-4,
         label_smoothing: float = 0.0,
         threshold_rule: str = "f1",
+        target_fpr: float = 0.001,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -132,7 +133,8 @@ class CrackClassifier(L.LightningModule):
         probs, labels = rows[:, 0], rows[:, 1]
         loss = float(F.binary_cross_entropy(probs.clamp(1e-7, 1 - 1e-7).double(), labels.double()))
         if stage == "val" and not self.trainer.testing:
-            self.threshold.fill_(choose_threshold(probs, labels, self.hparams.threshold_rule))
+            self.threshold.fill_(choose_threshold(probs, labels, self.hparams.threshold_rule,
+                                                 self.hparams.get("target_fpr", 0.001)))
         m = binary_metrics(probs, labels, float(self.threshold))
         m["loss"] = loss
         self.last_results[stage] = {"metrics": m, "index": rows[:, 2].long(), "probs": probs, "labels": labels}

@@ -85,6 +85,7 @@ def build_model(cfg: Config) -> CrackClassifier:
         backbone=m.backbone, pretrained=m.pretrained, weights_file=m.weights_file, drop_rate=m.drop_rate,
         image_size=m.image_size, class_names=list(cfg.data.class_names), lr=t.frozen.lr,
         weight_decay=t.frozen.weight_decay, label_smoothing=t.label_smoothing, threshold_rule=t.threshold_rule,
+        target_fpr=t.target_fpr,
     )
 
 
@@ -261,10 +262,8 @@ def train(cfg: Config, resume: bool = False) -> dict:
     for stage in ("frozen", "finetune"):
         if getattr(cfg.train, stage).epochs > 0:
             if stage == "finetune":
-                dm.features = {}
+                dm.features = {}  # the backbone will change: cached features would no longer describe it
             stages[stage] = run_stage(cfg, model, dm, run_dir, stage, resume)
-    if "finetune" in stages:
-        dm.features = {}  # the backbone changed: cached features no longer describe it
     # with a frozen backbone the cached features ARE the backbone's output on the eval-transformed
     # images (same decode, same transform), so testing on them is exact and 10x faster on a CPU
     after = evaluate(cfg, model, dm, run_dir, use_images=not dm.features)

@@ -67,3 +67,16 @@ def test_weights_unavailable_stops_with_one_line(tmp_path):
     assert res.returncode == 2
     assert res.stderr.startswith("error: could not download ImageNet weights for mobilenetv3_large_100")
     assert "Traceback" not in res.stderr
+
+
+def test_augmented_feature_views_multiply_training_set(tmp_path):
+    data = make_folder(tmp_path / "data", n_per_class=8)
+    res = run_cli("train.py", "--config", "configs/robust.yaml", "--data.root", str(data), "--output_dir",
+                  str(tmp_path / "runs"), "--run_name", "views", "--train.frozen.epochs", "2",
+                  "--train.feature_views", "2", *TINY)
+    assert res.returncode == 0, res.stderr[-2000:]
+    last = torch.load(tmp_path / "runs/views/checkpoints/frozen/last.ckpt", weights_only=True)
+    # 8 training images (16 * 0.5), clean + 2 augmented views = 24 feature rows, batch 8 -> 3 steps per epoch
+    assert last["global_step"] == 2 * 3
+    metrics = json.loads((tmp_path / "runs/views/metrics.json").read_text())
+    assert metrics["after"]["test"]["n"] == 4
