@@ -99,8 +99,8 @@ class Predictor:
 
     checkpoint: str | Path | None = None
     device: str = "cpu"
-    batch_size: int = 64
-    num_workers: int = 2
+    batch_size: int = 32
+    num_workers: int = 1
     threshold: float | None = None
     engine: str = "auto"  # auto: ONNX Runtime on CPU, PyTorch on GPU; or "torch" / "onnx"
     model: object = field(init=False, repr=False)

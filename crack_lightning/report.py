@@ -62,7 +62,9 @@ def make_report(paths: Sequence[str], probs: Sequence[float], labels: Sequence[i
         ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
         ax.scatter([m["fp"] / max(m["fp"] + m["tn"], 1)], [m["recall"]], color="red", zorder=3,
                    label="operating point")
-        ax.set_xlabel("false-positive rate")
+        ax.set_xscale("symlog", linthresh=1e-3)  # near-perfect models live in the first 1%
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("false-positive rate (log scale above 0.001)")
         ax.set_ylabel("true-positive rate (recall)")
         ax.set_title(f"ROC{suffix}", fontsize=10)
         ax.legend(loc="lower right")
