@@ -1,4 +1,4 @@
-"""Crash-safe file writing and output-path confinement."""
+"""Crash-safe file writing: a crash never leaves a half-written file that looks valid."""
 from __future__ import annotations
 
 import contextlib
@@ -49,12 +49,3 @@ def write_results(path: str | Path, results: Any, markdown: str) -> None:
 def write_text(path: str | Path, text: str) -> None:
     with atomic_write(path, "w") as f:
         f.write(text)
-
-
-def inside(base: str | Path, name: str) -> Path:
-    """``base/name``, refusing names that would escape ``base`` (``..``, absolute paths)."""
-    base = Path(base).resolve()
-    target = (base / name).resolve()
-    if target != base and base not in target.parents:
-        raise ValueError(f"refusing to write outside {base}: {name!r}")
-    return target

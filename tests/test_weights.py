@@ -1,11 +1,10 @@
 import numpy as np
 import pytest
+import skimage.data as skdata
 import torch
 from PIL import Image
 
 from crack_lightning.weights import WeightsError, create_pretrained, lite0_package_file
-
-skdata = pytest.importorskip("skimage.data")
 
 CATS = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 ESPRESSO = 967
