@@ -68,7 +68,13 @@ class CrackClassifier(L.LightningModule):
         return self
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:  # channels_last is the fast layout for convolutions on tensor cores
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.backbone(x)
+
+    def on_fit_start(self) -> None:
+        if self.device.type == "cuda":
+            self.backbone.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``(B,)`` from images ``(B,3,H,W)`` or features ``(B,C)``."""

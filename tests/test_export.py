@@ -59,3 +59,15 @@ def test_predict_with_onnx_matches_pytorch(trained_run, exported, tmp_path):
     for k in a:
         assert a[k][0] == pytest.approx(b[k][0], abs=1e-4)
         assert a[k][1] == b[k][1]
+
+
+def test_cached_feature_engines_agree(trained_run):
+    """The ONNX Runtime backbone used for the feature cache gives PyTorch's features."""
+    from crack_lightning.training import feature_extractor
+
+    model = load_model(trained_run / "checkpoints/frozen/best.ckpt")
+    x = real_batch(model.pre)
+    onnx_feats = feature_extractor(model, "onnx")(x)
+    torch_feats = feature_extractor(model, "torch", "cpu")(x)
+    assert onnx_feats.shape == torch_feats.shape == (8, 1280)
+    torch.testing.assert_close(onnx_feats, torch_feats, atol=1e-4, rtol=1e-4)
