@@ -18,6 +18,7 @@ import csv
 import datetime as dt
 import os
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -258,13 +259,19 @@ def train(cfg: Config, resume: bool = False) -> dict:
     start = time.time()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     run_dir = run_dir_for(cfg)
+    created = not run_dir.exists()
     if is_global_zero():
         check_run_dir(run_dir, resume)
-        write_text(run_dir / "config.yaml", dump_yaml(cfg))
-    model = build_model(cfg)
-    records = prepare_data(cfg, run_dir, resume)
+    try:
+        model = build_model(cfg)
+        records = prepare_data(cfg, run_dir, resume)
+    except BaseException:
+        if created and is_global_zero():  # a run that never started leaves no folder behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     dm = CrackDataModule(cfg.data, records, model.pre)
     if is_global_zero():
+        write_text(run_dir / "config.yaml", dump_yaml(cfg))
         write_text(run_dir / "model_summary.txt", f"{ModelSummary(model, max_depth=2)}\n\n{model}\n")
 
     cached = cfg.train.cache_features and cfg.train.frozen.epochs > 0

@@ -81,7 +81,7 @@ def test_bad_data_layouts_stop_before_work(tmp_path, setup, expected):
     setup(tmp_path / "d")
     line = one_error_line(train(tmp_path, tmp_path / "d", "--run_name", "x"))
     assert expected in line
-    assert not (tmp_path / "runs/x/checkpoints").exists()
+    assert not (tmp_path / "runs/x").exists()  # nothing half-made left behind
 
 
 def test_wrong_type_in_config_file(tmp_path):
