@@ -28,12 +28,15 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from crack_lightning.checkpoint import load_model  # noqa: E402
-from crack_lightning.data import list_images  # noqa: E402
+from crack_lightning.data import ImageDataset, Record, list_images  # noqa: E402
 from crack_lightning.images import decode_image  # noqa: E402
 from crack_lightning.io import write_results  # noqa: E402
-from crack_lightning.predict import Predictor, write_rows  # noqa: E402
-from crack_lightning.training import feature_extractor  # noqa: E402
+from crack_lightning.predict import Predictor, label_from_path, write_rows  # noqa: E402
+from crack_lightning.training import compute_features, feature_extractor  # noqa: E402
 from crack_lightning.transforms import eval_transform, train_transform  # noqa: E402
+
+
+CLASSES = ("Negative", "Positive")
 
 
 def hardware() -> dict:
@@ -148,15 +151,15 @@ def train_steps(model, loader, steps: int, frozen: bool, channels_last: bool) ->
     return (time.perf_counter() - t0) / done
 
 
-class LabelledFiles(Dataset):
-    def __init__(self, files, tf):
-        self.files, self.tf = files, tf
+def records(files: list[Path]) -> list[Record]:
+    """Labelled records for the project's own ImageDataset (label from the class folder)."""
+    return [Record(str(f), label_from_path(f, CLASSES), "") for f in files]
 
-    def __len__(self):
-        return len(self.files)
 
+class PlainLabelled(PlainFiles):
     def __getitem__(self, i):
-        return self.tf(image=decode_image(self.files[i]))["image"], float("Positive" in str(self.files[i]))
+        x, _ = super().__getitem__(i)
+        return x, float(label_from_path(self.files[i], CLASSES))
 
 
 def bench_training(files: list[Path], checkpoint: Path, workers: int, steps: int, epochs: int) -> dict:
@@ -171,14 +174,11 @@ def bench_training(files: list[Path], checkpoint: Path, workers: int, steps: int
     plain_frozen = 1 / train_steps(model, plain_loader, steps, frozen=True, channels_last=False)
     # frozen stage, ours: backbone once (ONNX Runtime), then the head trains on stored features
     extract = feature_extractor(model, "auto")
-    ev = DataLoader(LabelledFiles(files, eval_transform(pre)), batch_size=32, num_workers=workers)
+    ev = DataLoader(ImageDataset(records(files), eval_transform(pre)), batch_size=32, num_workers=workers)
     t0 = time.perf_counter()
-    feats, labels = [], []
-    for x, y in ev:
-        feats.append(extract(x))
-        labels.append(y)
+    cached = compute_features(extract, ev, "bench")
     feat_s = (time.perf_counter() - t0) / len(files)
-    feats, labels = torch.cat(feats), torch.cat(labels).float()
+    feats, labels = cached.features.clone(), cached.labels.clone().float()  # out of inference mode, for autograd
     head = torch.nn.Linear(feats.shape[1], 1)
     opt = torch.optim.AdamW(head.parameters(), lr=1e-3)
     t0 = time.perf_counter()
@@ -205,18 +205,12 @@ def bench_training(files: list[Path], checkpoint: Path, workers: int, steps: int
     model.train()
     plain_ft = 1 / train_steps(model, plain_loader, steps, frozen=False, channels_last=False)
     model = model.to(memory_format=torch.channels_last)
-    ours_loader = DataLoader(LabelledFiles(files, train_transform(pre, "light")), batch_size=32,
+    ours_loader = DataLoader(ImageDataset(records(files), train_transform(pre, "light")), batch_size=32,
                              num_workers=workers, shuffle=True)
     ours_ft = 1 / train_steps(model, ours_loader, steps, frozen=False, channels_last=True)
     out["finetune"] = {"plain_baseline_images_per_s": round(plain_ft, 1), "ours_images_per_s": round(ours_ft, 1),
                        "speedup": round(ours_ft / plain_ft, 2), "steps": steps}
     return out
-
-
-class PlainLabelled(PlainFiles):
-    def __getitem__(self, i):
-        x, _ = super().__getitem__(i)
-        return x, float("Positive" in str(self.files[i]))
 
 
 # ---------------------------------------------------------------- 4. time to accuracy

@@ -156,19 +156,17 @@ def predict_main(argv: list[str]) -> int:
     if args.tile < 32 or args.stride < 0:
         raise ConfigError("--tile must be >= 32 and --stride >= 0")
     paths = collect_inputs(inputs)
-    if args.localize or args.explain:
-        out_dir = Path(args.output or ("localization" if args.localize else "explanations"))
-        if out_dir.exists() and not out_dir.is_dir():
-            raise ConfigError(f"--output must be a folder with --localize/--explain: {out_dir} is a file")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        predictor = Predictor(args.checkpoint, args.device, args.batch_size, args.workers, args.threshold,
-                              args.engine)
-        return (_localize if args.localize else _explain)(predictor, paths, out_dir, args)
-    out = Path(args.output or "predictions.csv")
-    if out.is_dir():
+    per_photo = args.localize or args.explain
+    out = Path(args.output or ("localization" if args.localize else "explanations" if args.explain
+                               else "predictions.csv"))
+    if per_photo and out.exists() and not out.is_dir():
+        raise ConfigError(f"--output must be a folder with --localize/--explain: {out} is a file")
+    if not per_photo and out.is_dir():
         raise ConfigError(f"--output must be a file path, {out} is a folder")
-    predictor = Predictor(args.checkpoint, args.device, args.batch_size, args.workers, args.threshold,
-                              args.engine)
+    predictor = Predictor(args.checkpoint, args.device, args.batch_size, args.workers, args.threshold, args.engine)
+    if per_photo:
+        out.mkdir(parents=True, exist_ok=True)
+        return (_localize if args.localize else _explain)(predictor, paths, out, args)
     rows = write_rows(predictor.iter_rows(paths), out)
     errors = [r for r in rows if r.error]
     names = predictor.class_names
@@ -220,15 +218,14 @@ def _localize(predictor, paths, out_dir, args) -> int:
             failed += 1
             rows.append({"photo": str(path), "error": str(exc)})
             print(f"  unreadable: {path}: {exc}", file=sys.stderr)
-            continue
-        write_tiles_csv(loc, out_dir / f"{stem}_tiles.csv")
-        write_heatmap(loc, image, out_dir / f"{stem}_heatmap.png")
-        row = summary_row(loc)
-        rows.append(row)
-        print(f"{path}: {row['crack_tiles']}/{row['tiles']} crack tiles, {float(row['crack_fraction']):.1%} "
-              f"of the surface -> {out_dir / (stem + '_heatmap.png')}")
-        write_summary(rows, out_dir / "summary.csv")
-    write_summary(rows, out_dir / "summary.csv")
+        else:
+            write_tiles_csv(loc, out_dir / f"{stem}_tiles.csv")
+            write_heatmap(loc, image, out_dir / f"{stem}_heatmap.png")
+            row = summary_row(loc)
+            rows.append(row)
+            print(f"{path}: {row['crack_tiles']}/{row['tiles']} crack tiles, {float(row['crack_fraction']):.1%} "
+                  f"of the surface -> {out_dir / (stem + '_heatmap.png')}")
+        write_summary(rows, out_dir / "summary.csv")  # after every photo: an interruption keeps what is done
     return 1 if failed else 0
 
 

@@ -233,8 +233,9 @@ def run_stage(cfg: Config, model: CrackClassifier, dm: CrackDataModule, run_dir:
     best = ckpt_cb.best_model_path or ckpt_cb.last_model_path
     if best:
         _load_weights(model, best)
-    info = {"best": best, "resumed_from_epoch": start_epoch, "best_score": float(ckpt_cb.best_model_score) if ckpt_cb.best_model_score is not None
-            else None, "epochs_run": trainer.current_epoch, "stopped_early": trainer.current_epoch < epochs,
+    score = ckpt_cb.best_model_score
+    info = {"best": best, "resumed_from_epoch": start_epoch, "best_score": None if score is None else float(score),
+            "epochs_run": trainer.current_epoch, "stopped_early": trainer.current_epoch < epochs,
             "world_size": trainer.world_size}
     if trainer.is_global_zero:
         write_json(done, info)
