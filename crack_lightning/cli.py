@@ -106,8 +106,9 @@ def predict_parser():
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--engine", default="auto", choices=["auto", "torch", "onnx"],
                    help="auto: ONNX Runtime on CPU (2-3x faster), PyTorch on GPU")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=1, help="decode worker processes")
+    p.add_argument("--batch-size", type=int, default=0, help="default: 32 on a CPU, 256 on a GPU")
+    p.add_argument("--workers", type=int, default=-1,
+                   help="decode worker processes (default: 1 on a CPU; on a GPU, cores - 1 up to 16)")
     p.add_argument("--threshold", type=float, default=None, help="override the threshold stored in the checkpoint")
     return p
 
@@ -151,7 +152,7 @@ def predict_main(argv: list[str]) -> int:
         parser.error("give at least one INPUT (or --split / --export)")
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
         raise ConfigError(f"--threshold must be in [0, 1], got {args.threshold}")
-    if args.batch_size < 1 or args.workers < 0:
+    if args.batch_size < 0 or args.workers < -1:
         raise ConfigError("--batch-size must be >= 1 and --workers >= 0")
     if args.tile < 32 or args.stride < 0:
         raise ConfigError("--tile must be >= 32 and --stride >= 0")

@@ -56,7 +56,8 @@ def open_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """Apply EXIF orientation and convert any mode (L, LA, P, RGBA, CMYK, I;16, ...) to 8-bit RGB."""
-    img = ImageOps.exif_transpose(img)
+    if img.getexif().get(0x0112, 1) != 1:  # only transpose (a copy) when EXIF asks for it
+        img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.float32)
         hi = 65535.0 if arr.max() > 255 else 255.0
@@ -68,7 +69,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, img)
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def decode_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:

@@ -81,6 +81,45 @@ class InterruptNotice(Callback):
                   f"the same command plus --resume --run_name {self.run_dir.name}", file=sys.stderr)
 
 
+class EpochTimer(Callback):
+    """Wall time and images of each training epoch (validation excluded), for ``done.json``.
+
+    What users and benchmarks want to know about speed is the epoch, data
+    loading included, not the model alone.
+    """
+
+    def __init__(self):
+        self.epochs: list[dict[str, float]] = []
+        self._t0, self._images = 0.0, 0
+
+    @staticmethod
+    def _now(trainer) -> float:
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize(trainer.strategy.root_device)
+        return time.perf_counter()
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._t0, self._images, self._open = self._now(trainer), 0, True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._images += len(batch[1])
+
+    def _close(self, trainer) -> None:
+        if getattr(self, "_open", False):
+            self._open = False
+            seconds = self._now(trainer) - self._t0
+            self.epochs.append({"epoch": trainer.current_epoch, "train_s": round(seconds, 3),
+                                "images": self._images * trainer.world_size,
+                                "images_per_s": round(self._images * trainer.world_size / max(seconds, 1e-9), 1)})
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self._close(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._close(trainer)
+
+
 def build_model(cfg: Config) -> CrackClassifier:
     m, t = cfg.model, cfg.train
     return CrackClassifier(
@@ -103,7 +142,7 @@ def prepare_data(cfg: Config, run_dir: Path, resume: bool) -> list[Record]:
     if resume and split_csv.is_file():
         return read_split_csv(split_csv)
     d = cfg.data
-    records, bad = scan(d.root, d.class_names, d.bad_images)
+    records, bad = scan(d.root, d.class_names, d.bad_images, workers=max(1, d.num_workers))
     conflicts = label_conflicts(records)
     if bad or conflicts:
         with atomic_write(run_dir / "bad_images.csv", "w", newline="") as f:
@@ -141,15 +180,18 @@ def feature_extractor(model: CrackClassifier, engine: str = "auto", device: torc
     """
     model.eval()
     device = torch.device(device)
+    pre = model.pre
     if engine == "onnx" or (engine == "auto" and device.type == "cpu"):
         from .export import onnx_runner
 
-        return onnx_runner(model.backbone, model.pre.size)
+        ort = onnx_runner(model.backbone, pre.size)
+        return lambda x: ort(pre.normalize(x) if x.dtype == torch.uint8 else x)
     backbone = copy.deepcopy(model.backbone).to(device, memory_format=torch.channels_last)
 
     @torch.inference_mode()
     def run(x: torch.Tensor) -> torch.Tensor:
-        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        x = x.to(device, non_blocking=True)
+        x = (pre.normalize(x) if x.dtype == torch.uint8 else x).contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             return backbone(x).float().cpu()
     return run
@@ -173,6 +215,7 @@ def make_trainer(cfg: Config, run_dir: Path, stage: str | None, epochs: int = 1,
         ckpt_dir = run_dir / "checkpoints" / stage
         mode = "min" if cfg.train.monitor == "val_loss" else "max"
         callbacks = [
+            EpochTimer(),
             ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=cfg.train.monitor, mode=mode, save_last=True,
                             save_top_k=1, enable_version_counter=False),
             EarlyStopping(monitor=cfg.train.monitor, mode=mode, patience=patience),
@@ -234,9 +277,10 @@ def run_stage(cfg: Config, model: CrackClassifier, dm: CrackDataModule, run_dir:
     if best:
         _load_weights(model, best)
     score = ckpt_cb.best_model_score
+    timer = next(c for c in trainer.callbacks if isinstance(c, EpochTimer))
     info = {"best": best, "resumed_from_epoch": start_epoch, "best_score": None if score is None else float(score),
             "epochs_run": trainer.current_epoch, "stopped_early": trainer.current_epoch < epochs,
-            "world_size": trainer.world_size}
+            "world_size": trainer.world_size, "epoch_times": timer.epochs}
     if trainer.is_global_zero:
         write_json(done, info)
     return info
@@ -270,7 +314,10 @@ def train(cfg: Config, resume: bool = False) -> dict:
         if created and is_global_zero():  # a run that never started leaves no folder behind
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
-    dm = CrackDataModule(cfg.data, records, model.pre)
+    on_gpu = feature_device(cfg).type == "cuda"
+    if on_gpu:
+        torch.backends.cudnn.benchmark = True  # fixed input size: cuDNN picks the fastest kernels once
+    dm = CrackDataModule(cfg.data, records, model.pre, device_normalize=on_gpu)
     if is_global_zero():
         write_text(run_dir / "config.yaml", dump_yaml(cfg))
         write_text(run_dir / "model_summary.txt", f"{ModelSummary(model, max_depth=2)}\n\n{model}\n")

@@ -36,6 +36,17 @@ class Preprocessing:
             std=tuple(float(s) for s in cfg["std"]),
         )
 
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """``(x/255 - mean) / std`` of a uint8 ``(B,3,H,W)`` batch, on whatever device it is.
+
+        Loaders built with ``normalize=False`` ship uint8 (4x less to copy and pin)
+        and the model applies this on the GPU: the same arithmetic as
+        :func:`eval_transform`'s last step, tested equal.
+        """
+        mean = torch.tensor(self.mean, device=x.device, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device, dtype=torch.float32).view(1, 3, 1, 1)
+        return (x.float() / 255.0 - mean) / std
+
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
@@ -44,24 +55,29 @@ class Preprocessing:
         return cls(size=int(d["size"]), mean=tuple(d["mean"]), std=tuple(d["std"]))
 
 
-def _finish(pre: Preprocessing) -> list:
-    return [A.Normalize(mean=pre.mean, std=pre.std, max_pixel_value=255.0), ToTensorV2()]
+def _finish(pre: Preprocessing, normalize: bool = True) -> list:
+    norm = [A.Normalize(mean=pre.mean, std=pre.std, max_pixel_value=255.0)] if normalize else []
+    return norm + [ToTensorV2()]
 
 
-def eval_transform(pre: Preprocessing) -> A.Compose:
+def eval_transform(pre: Preprocessing, normalize: bool = True) -> A.Compose:
     """Resize the whole patch to the model's size (no centre crop: a crack at the edge
-    of a patch must not be cut away) and normalise."""
-    return A.Compose([A.Resize(pre.size, pre.size, interpolation=cv2.INTER_AREA)] + _finish(pre))
+    of a patch must not be cut away) and normalise.
+
+    ``normalize=False`` stops before normalising and yields a uint8 ``3xSxS``
+    tensor; :meth:`Preprocessing.normalize` finishes it on the GPU.
+    """
+    return A.Compose([A.Resize(pre.size, pre.size, interpolation=cv2.INTER_AREA)] + _finish(pre, normalize))
 
 
-def train_transform(pre: Preprocessing, level: str = "light") -> A.Compose:
+def train_transform(pre: Preprocessing, level: str = "light", normalize: bool = True) -> A.Compose:
     """Augmentations for training only. ``level`` is ``none``, ``light`` or ``strong``.
 
     ``strong`` covers the shifts a site photo brings (scale, blur, noise, JPEG,
-    exposure, colour cast, grayscale, rotation).
+    exposure, colour cast, grayscale, rotation). ``normalize`` as in :func:`eval_transform`.
     """
     if level == "none":
-        return eval_transform(pre)
+        return eval_transform(pre, normalize)
     s = pre.size
     geometric = [
         A.RandomResizedCrop(size=(s, s), scale=(0.6, 1.0), ratio=(0.8, 1.25), interpolation=cv2.INTER_AREA),
@@ -82,7 +98,7 @@ def train_transform(pre: Preprocessing, level: str = "light") -> A.Compose:
             A.GaussNoise(std_range=(0.02, 0.1), p=0.3),
             A.ImageCompression(quality_range=(20, 90), p=0.3),
         ]
-    return A.Compose(geometric + photometric + _finish(pre))
+    return A.Compose(geometric + photometric + _finish(pre, normalize))
 
 
 def preprocess_batch(images: list[np.ndarray], pre: Preprocessing) -> torch.Tensor:

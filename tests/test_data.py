@@ -109,3 +109,24 @@ def test_datamodule_batches(tmp_path):
     xv2, _, _ = next(iter(dm.val_dataloader()))
     assert torch.equal(xv, xv2)  # evaluation is deterministic, training is augmented
     assert -1.0 <= float(xv.min()) and float(xv.max()) <= 1.0
+
+
+def test_scan_threads_give_the_same_records(tmp_path):
+    root = with_duplicates(make_folder(tmp_path / "d"))
+    (root / "Positive" / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+    one, bad1 = scan(root, CLASSES, workers=1)
+    many, bad4 = scan(root, CLASSES, workers=4)
+    assert [(r.path, r.label, r.sha256) for r in one] == [(r.path, r.label, r.sha256) for r in many]
+    assert bad1 == bad4 and len(bad1) == 1 and bad1[0][0].endswith("broken.jpg")
+    with pytest.raises(DataError, match="broken.jpg"):
+        scan(root, CLASSES, bad_images="error", workers=4)
+
+
+def test_datamodule_device_normalize_ships_uint8(tmp_path):
+    records = split_records(scan(make_folder(tmp_path / "d"), CLASSES)[0], 0.25, 0.25, 0)
+    pre = Preprocessing(size=48, mean=(0.5,) * 3, std=(0.5,) * 3)
+    cfg = DataConfig(batch_size=4, num_workers=0)
+    raw, _, _ = next(iter(CrackDataModule(cfg, records, pre, device_normalize=True).val_dataloader()))
+    ref, _, _ = next(iter(CrackDataModule(cfg, records, pre).val_dataloader()))
+    assert raw.dtype == torch.uint8
+    assert torch.allclose(pre.normalize(raw), ref, atol=1e-5)

@@ -50,3 +50,12 @@ def test_threshold_is_part_of_state_dict():
     m2 = tiny()
     m2.load_state_dict(m.state_dict())
     assert float(m2.threshold) == 0.3
+
+
+def test_uint8_images_are_normalised_by_the_model():
+    torch.manual_seed(0)
+    m = tiny().eval()
+    raw = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        assert torch.allclose(m(raw), m(m.pre.normalize(raw)), atol=1e-6)
+        assert torch.allclose(m.predict_proba(raw), torch.sigmoid(m(raw)), atol=1e-6)

@@ -42,8 +42,13 @@ def test_frozen_then_finetune_changes_backbone(tmp_path):
     tuned = torch.load(run / "checkpoints/finetune/best.ckpt", weights_only=True)["state_dict"]
     key = "backbone.conv_stem.weight"
     assert not torch.equal(frozen[key], tuned[key])
-    stages = json.loads((run / "metrics.json").read_text())["stages"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    stages = metrics["stages"]
     assert set(stages) == {"frozen", "finetune"}
+    n_train = sum(metrics["counts"]["train"].values())
+    for stage in stages.values():  # every epoch timed, over every training image
+        assert [e["images"] for e in stage["epoch_times"]] == [n_train] * stage["epochs_run"]
+        assert all(e["train_s"] > 0 and e["images_per_s"] > 0 for e in stage["epoch_times"])
 
 
 def test_ddp_two_processes_on_cpu(tmp_path):

@@ -34,3 +34,15 @@ def test_train_transform_varies_and_keeps_shape():
         assert not torch.equal(a, b)
     tf = train_transform(pre, "none")
     assert torch.equal(tf(image=img)["image"], eval_transform(pre)(image=img)["image"])
+
+
+def test_uint8_pipeline_normalised_on_device_equals_cpu_normalisation():
+    """The GPU path (uint8 loader + Preprocessing.normalize) computes the same input as the CPU path."""
+    pre = Preprocessing(48, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    img = np.random.default_rng(1).integers(0, 256, (227, 227, 3), dtype=np.uint8)
+    raw = eval_transform(pre, normalize=False)(image=img)["image"]
+    assert raw.dtype == torch.uint8 and raw.shape == (3, 48, 48)
+    expected = eval_transform(pre)(image=img)["image"]
+    assert torch.allclose(pre.normalize(raw[None])[0], expected, atol=1e-5)
+    aug = train_transform(pre, "strong", normalize=False)(image=img)["image"]
+    assert aug.dtype == torch.uint8 and aug.shape == (3, 48, 48)
