@@ -89,65 +89,107 @@ class PlainFiles(Dataset):
             return self.tf(im.convert("RGB")), i
 
 
-def plain_model(checkpoint: Path) -> torch.nn.Module:
+def plain_model(checkpoint: Path, device: torch.device) -> torch.nn.Module:
     m = load_model(checkpoint)
-    return torch.nn.Sequential(m.backbone, m.head).eval()  # eager fp32, default memory format
+    net = torch.nn.Sequential(m.backbone, m.head).eval().to(device)
+    # CPU: eager fp32, default memory format. GPU: the plain pipeline of the issue (bf16, channels_last)
+    return net.to(memory_format=torch.channels_last) if device.type == "cuda" else net
 
 
-def bench_predict(files: list[Path], checkpoint: Path, workers: int, batch: int) -> dict:
+def plain_batch(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_predict(files: list[Path], checkpoint: Path, workers: int, batch: int, device: torch.device) -> dict:
+    gpu = device.type == "cuda"
     with tempfile.TemporaryDirectory() as tmp:
-        # ours, as shipped (predict.py defaults)
+        # ours, as shipped (predict.py defaults for this device)
         t0 = time.perf_counter()
-        predictor = Predictor(checkpoint, num_workers=workers, batch_size=batch)
+        predictor = Predictor(checkpoint, str(device), num_workers=workers, batch_size=batch)
         load_s = time.perf_counter() - t0
+        if gpu:  # one untimed pass over a few batches: CUDA context, cuDNN autotuning
+            list(predictor.iter_rows(files[: batch * 2], progress=False))
         t0 = time.perf_counter()
         rows = write_rows(predictor.iter_rows(files, progress=False), Path(tmp) / "ours.csv")
         ours_s = time.perf_counter() - t0
         assert len(rows) == len(files)
         # plain baseline
-        model = plain_model(checkpoint)
-        loader = DataLoader(PlainFiles(files, predictor.pre), batch_size=32, num_workers=workers)
+        model = plain_model(checkpoint, device)
+        loader = DataLoader(PlainFiles(files, predictor.pre), batch_size=batch if gpu else 32, num_workers=workers,
+                            pin_memory=gpu)
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=gpu):
+            for k, (x, _) in enumerate(loader):  # same warm-up as ours
+                model(plain_batch(x, device))
+                if not gpu or k >= 1:
+                    break
         t0 = time.perf_counter()
-        with torch.no_grad(), open(Path(tmp) / "plain.csv", "w", newline="") as f:
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=gpu), \
+                open(Path(tmp) / "plain.csv", "w", newline="") as f:
             w = csv.writer(f)
             for x, idx in loader:
-                for i, p in zip(idx.tolist(), torch.sigmoid(model(x).squeeze(1)).tolist()):
+                probs = torch.sigmoid(model(plain_batch(x, device)).float().squeeze(1)).cpu()
+                for i, p in zip(idx.tolist(), probs.tolist()):
                     w.writerow([files[i], p])
         plain_s = time.perf_counter() - t0
+    engine = "onnxruntime" if predictor._run is not None else "torch bf16 channels_last" if gpu else "torch"
     return {
-        "images": len(files), "image_size": predictor.pre.size, "decode_workers": workers,
-        "ours": {"images_per_s": rate(len(files), ours_s), "batch": batch, "engine": "onnxruntime"
-                 if predictor._run is not None else "torch", "model_load_s": round(load_s, 2)},
-        "plain_baseline": {"images_per_s": rate(len(files), plain_s), "batch": 32, "engine": "torch eager fp32"},
+        "images": len(files), "image_size": predictor.pre.size, "decode_workers": predictor.num_workers,
+        "device": str(device),
+        "ours": {"images_per_s": rate(len(files), ours_s), "batch": predictor.batch_size, "engine": engine,
+                 "model_load_s": round(load_s, 2)},
+        "plain_baseline": {"images_per_s": rate(len(files), plain_s), "batch": batch if gpu else 32,
+                           "engine": "torch bf16 channels_last, PIL + torchvision" if gpu else "torch eager fp32"},
         "speedup": round(plain_s / ours_s, 2),
     }
 
 
 # ---------------------------------------------------------------- 3. training
-def train_steps(model, loader, steps: int, frozen: bool, channels_last: bool) -> float:
-    """Seconds per image for ``steps`` optimiser steps (after one warm-up step)."""
+def train_steps(model, loader, steps: int, frozen: bool, channels_last: bool,
+                device: torch.device = torch.device("cpu")) -> float:
+    """Seconds per image for ``steps`` optimiser steps (after warm-up steps), loading included.
+
+    uint8 batches (ours on a GPU) are normalised on the device; on a GPU both
+    sides use bf16 autocast.
+    """
+    gpu = device.type == "cuda"
+    warmup = 3 if gpu else 1
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
-    it = iter(loader)
     done = 0
     t0 = None
-    for step in range(steps + 1):
-        x, y = next(it)[:2]
-        if step == 1:
-            t0, done = time.perf_counter(), 0
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        if frozen:
-            with torch.no_grad():
-                feats = model.backbone(x)
-            logits = model.head(feats).squeeze(1)
-        else:
-            logits = model.head(model.backbone(x)).squeeze(1)
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y.float())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        done += len(y)
+    step = 0
+    while step < steps + warmup:
+        for batch in loader:
+            if step == warmup:
+                sync(device)
+                t0, done = time.perf_counter(), 0
+            x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+            if x.dtype == torch.uint8:
+                x = model.pre.normalize(x)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=gpu):
+                if frozen:
+                    with torch.no_grad():
+                        feats = model.backbone(x)
+                    logits = model.head(feats).squeeze(1)
+                else:
+                    logits = model.head(model.backbone(x)).squeeze(1)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), y.float())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            done += len(y)
+            step += 1
+            if step >= steps + warmup:
+                break
+    sync(device)
     return (time.perf_counter() - t0) / done
 
 
@@ -162,34 +204,39 @@ class PlainLabelled(PlainFiles):
         return x, float(label_from_path(self.files[i], CLASSES))
 
 
-def bench_training(files: list[Path], checkpoint: Path, workers: int, steps: int, epochs: int) -> dict:
-    model = load_model(checkpoint)
+def bench_training(files: list[Path], checkpoint: Path, workers: int, steps: int, epochs: int,
+                   device: torch.device = torch.device("cpu"), batch: int = 32) -> dict:
+    gpu = device.type == "cuda"
+    model = load_model(checkpoint).to(device)
     pre = model.pre
-    plain_loader = DataLoader(PlainLabelled(files, pre), batch_size=32, num_workers=workers, shuffle=True)
-    out = {"image_size": pre.size, "batch": 32, "decode_workers": workers}
+    opts = dict(batch_size=batch, num_workers=workers, pin_memory=gpu, persistent_workers=workers > 0)
+    plain_loader = DataLoader(PlainLabelled(files, pre), shuffle=True, **opts)
+    out = {"image_size": pre.size, "batch": batch, "decode_workers": workers, "device": str(device)}
 
     # frozen stage, plain: every epoch decodes, augments and runs the backbone again
     model.freeze_backbone(True)
     model.train()
-    plain_frozen = 1 / train_steps(model, plain_loader, steps, frozen=True, channels_last=False)
-    # frozen stage, ours: backbone once (ONNX Runtime), then the head trains on stored features
-    extract = feature_extractor(model, "auto")
-    ev = DataLoader(ImageDataset(records(files), eval_transform(pre)), batch_size=32, num_workers=workers)
+    plain_frozen = 1 / train_steps(model, plain_loader, steps, frozen=True, channels_last=gpu, device=device)
+    # frozen stage, ours: backbone once (ONNX Runtime on a CPU, bf16 on a GPU), then the head on stored features
+    extract = feature_extractor(model, "auto", device)
+    ev = DataLoader(ImageDataset(records(files), eval_transform(pre, normalize=not gpu)), **opts)
     t0 = time.perf_counter()
     cached = compute_features(extract, ev, "bench")
     feat_s = (time.perf_counter() - t0) / len(files)
-    feats, labels = cached.features.clone(), cached.labels.clone().float()  # out of inference mode, for autograd
-    head = torch.nn.Linear(feats.shape[1], 1)
+    # out of inference mode, for autograd
+    feats, labels = cached.features.clone().to(device), cached.labels.clone().float().to(device)
+    head = torch.nn.Linear(feats.shape[1], 1).to(device)
     opt = torch.optim.AdamW(head.parameters(), lr=1e-3)
     t0 = time.perf_counter()
     reps = 20
     for _ in range(reps):
-        for i in range(0, len(feats), 32):
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(head(feats[i:i + 32]).squeeze(1),
-                                                                        labels[i:i + 32])
+        for i in range(0, len(feats), batch):
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(head(feats[i:i + batch]).squeeze(1),
+                                                                        labels[i:i + batch])
             opt.zero_grad()
             loss.backward()
             opt.step()
+    sync(device)
     head_s = (time.perf_counter() - t0) / (reps * len(feats))
     ours_frozen = epochs / (feat_s + epochs * head_s)
     out["frozen"] = {
@@ -203,11 +250,13 @@ def bench_training(files: list[Path], checkpoint: Path, workers: int, steps: int
     # full fine-tuning: plain (default memory format) vs ours (channels_last, albumentations pipeline)
     model.freeze_backbone(False)
     model.train()
-    plain_ft = 1 / train_steps(model, plain_loader, steps, frozen=False, channels_last=False)
+    if gpu:
+        model = model.to(memory_format=torch.channels_last)
+    plain_ft = 1 / train_steps(model, plain_loader, steps, frozen=False, channels_last=gpu, device=device)
     model = model.to(memory_format=torch.channels_last)
-    ours_loader = DataLoader(ImageDataset(records(files), train_transform(pre, "light")), batch_size=32,
-                             num_workers=workers, shuffle=True)
-    ours_ft = 1 / train_steps(model, ours_loader, steps, frozen=False, channels_last=True)
+    ours_loader = DataLoader(ImageDataset(records(files), train_transform(pre, "light", normalize=not gpu)),
+                             shuffle=True, **opts)
+    ours_ft = 1 / train_steps(model, ours_loader, steps, frozen=False, channels_last=True, device=device)
     out["finetune"] = {"plain_baseline_images_per_s": round(plain_ft, 1), "ours_images_per_s": round(ours_ft, 1),
                        "speedup": round(ours_ft / plain_ft, 2), "steps": steps}
     return out
@@ -218,23 +267,28 @@ def time_to_accuracy(run: Path | None) -> dict | None:
     if not run or not (run / "metrics.json").is_file():
         return None
     m = json.loads((run / "metrics.json").read_text())
+    epochs = m["stages"].get("finetune", {}).get("epoch_times", [])
     return {"run": str(run), "wall_time_s": m["wall_time_s"], "test_acc": m["after"]["test"]["acc"],
             "test_f1": m["after"]["test"]["f1"], "hardware": m["hardware"],
-            "note": "wall time of the whole run from a cold start: scan, split, features, baseline, training, test"}
+            "train_images": sum(m["counts"]["train"].values()),
+            "finetune_epoch_s": [e["train_s"] for e in epochs],
+            "note": "wall time of the whole run from a cold start: scan, split, features, baseline, training, test; "
+                    "finetune_epoch_s: each full fine-tuning epoch over the training split, loading included"}
 
 
 def table(r: dict) -> str:
     p, t = r["predict"], r["training"]
     lines = [
         f"Hardware: {r['hardware']['machine']} {r['hardware']['cpu_count']} cores, torch threads "
-        f"{r['hardware']['torch_threads']}, GPU: {r['hardware']['gpu'] or 'none'}; image size {p['image_size']}",
+        f"{r['hardware']['torch_threads']}, GPU: {r['hardware']['gpu'] or 'none'} (benchmarked on {p.get('device', 'cpu')}); "
+        f"image size {p['image_size']}; training batch {t['batch']}, {t['decode_workers']} loader worker(s)",
         "",
         "| measurement | plain baseline | crack_lightning | ratio |",
         "|---|---|---|---|",
         f"| data: decode + train aug, img/s per worker | | {r['pipeline']['train_decode_augment']['images_per_s_per_worker']} | |",
         f"| data: decode + eval preprocessing, img/s per worker | | {r['pipeline']['eval_decode_preprocess']['images_per_s_per_worker']} | |",
-        f"| predict, JPEG -> CSV, img/s ({p['images']} images, {p['decode_workers']} decode worker) | "
-        f"{p['plain_baseline']['images_per_s']} (batch 32) | {p['ours']['images_per_s']} ({p['ours']['engine']}, "
+        f"| predict, JPEG -> CSV, img/s ({p['images']} images, {p['decode_workers']} decode worker(s)) | "
+        f"{p['plain_baseline']['images_per_s']} (batch {p['plain_baseline']['batch']}) | {p['ours']['images_per_s']} ({p['ours']['engine']}, "
         f"batch {p['ours']['batch']}) | {p['speedup']}x |",
         f"| training, frozen backbone, img/s ({t['frozen']['epochs_assumed']} epochs) | "
         f"{t['frozen']['plain_baseline_images_per_s']} | {t['frozen']['ours_effective_images_per_s']} "
@@ -247,6 +301,9 @@ def table(r: dict) -> str:
     if tta:
         lines.append(f"| full data, cold start to tested model | | {tta['wall_time_s']:.0f} s, test acc "
                      f"{tta['test_acc']:.4f} | |")
+        if tta.get("finetune_epoch_s"):
+            lines.append(f"| full fine-tuning epoch over the training split ({tta['train_images']} images) | | "
+                         f"{min(tta['finetune_epoch_s']):.1f} s best, {tta['finetune_epoch_s'][-1]:.1f} s last | |")
     return "\n".join(lines) + "\n"
 
 
@@ -260,10 +317,16 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--epochs", type=int, default=20, help="frozen-stage epochs assumed for the effective rate")
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=32, help="batch size (the GPU rule is 256)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--out", default="bench/results.json")
     args = ap.parse_args()
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    else:
+        torch.set_num_threads(os.cpu_count() or 1)
     root = Path(args.data)
     files = sample_files(root, args.images)
     pre = load_model(args.checkpoint).pre
@@ -271,10 +334,12 @@ def main() -> int:
     print("1/4 data pipeline ...", flush=True)
     results["pipeline"] = bench_pipeline(files[:400], pre)
     print("2/4 prediction ...", flush=True)
-    results["predict"] = bench_predict(files, Path(args.checkpoint), args.workers, 32)
+    results["predict"] = bench_predict(files, Path(args.checkpoint), args.workers, args.batch, device)
+    print(f"   {results['predict']}", flush=True)
     print("3/4 training ...", flush=True)
     results["training"] = bench_training(sample_files(root, args.train_images), Path(args.checkpoint),
-                                         args.workers, args.steps, args.epochs)
+                                         args.workers, args.steps, args.epochs, device, args.batch)
+    print(f"   {results['training']}", flush=True)
     print("4/4 time to accuracy ...", flush=True)
     results["time_to_accuracy"] = time_to_accuracy(Path(args.run) if args.run else None)
     write_results(args.out, results, table(results))

@@ -81,3 +81,9 @@ def test_cli_print_config_and_errors():
     assert "Traceback" not in res.stderr
     res = run_cli("train.py", "--config", "configs/nope.yaml")
     assert res.returncode == 2 and "config file not found: configs/nope.yaml" in res.stderr
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert cfg.data.batch_size >= 1 and cfg.model.backbone

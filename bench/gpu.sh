@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# GPU measurements in one go (one GPU, a multi-core host):
+#   1. time to accuracy + epoch times: train.py --config configs/gpu.yaml on the full data, cold start
+#   2. the robust recipe (configs/robust_gpu.yaml), full fine-tuning, for bench/robustness.py
+#   3. bench/run.py --device cuda: data pipeline, prediction from JPEG files (ours vs plain), training throughput
+#   4. a second robust variant (lower fine-tuning learning rate), if the time budget allows
+# usage: bench/gpu.sh DATA_ROOT OUT_DIR [SECONDS_BUDGET]
+set -u
+DATA=${1:?data root with Positive/ and Negative/}
+OUT=${2:?output folder}
+BUDGET=${3:-480}
+START=$SECONDS
+export PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+left() { echo $((BUDGET - (SECONDS - START))); }
+upto() { local l; l=$(left); echo $(( l < $1 ? l : $1 )); }  # a step's timeout: its cap, or what is left
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+nproc | tee -a "$OUT/gpu.txt"
+
+timeout 200 python3 train.py --config configs/gpu.yaml --data.root "$DATA" --output_dir "$OUT/runs" \
+    --run_name gpu --trainer.enable_progress_bar false > "$OUT/train_gpu.log" 2>&1
+echo "train gpu rc=$? at $((SECONDS - START)) s"; tail -3 "$OUT/train_gpu.log"
+
+for variant in "robust" "BENCH" "robust_lr1e-4 --train.finetune.lr 0.0001"; do
+    set -- $variant
+    if [ "$1" = BENCH ]; then
+        timeout "$(upto 200)" python3 bench/run.py --device cuda --data "$DATA" --checkpoint models/crack_lite0.pt \
+            --run "$OUT/runs/gpu" --images 30000 --train-images 15360 --steps 40 --workers 15 --batch 256 \
+            --out "$OUT/results_gpu.json" > "$OUT/bench_gpu.log" 2>&1
+        echo "bench rc=$? at $((SECONDS - START)) s"; tail -12 "$OUT/bench_gpu.log"
+        continue
+    fi
+    name=$1; shift
+    if [ "$(left)" -lt 120 ]; then echo "skip $name: $(left) s left"; continue; fi
+    timeout "$(upto 180)" python3 train.py --config configs/robust_gpu.yaml --data.root "$DATA" \
+        --output_dir "$OUT/runs" --run_name "$name" --trainer.enable_progress_bar false "$@" > "$OUT/train_$name.log" 2>&1
+    echo "train $name rc=$? at $((SECONDS - START)) s"; tail -3 "$OUT/train_$name.log"
+done
