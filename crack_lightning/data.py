@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .config import DataConfig
 from .images import BadImageError, decode_image, is_image_file
-from .transforms import Preprocessing, eval_transform, train_transform
+from .transforms import Preprocessing, eval_transform, train_transform, worker_init
 
 SPLITS = ("train", "val", "test")
 
@@ -260,7 +260,7 @@ class CrackDataModule(L.LightningDataModule):
         return DataLoader(
             ds, batch_size=self.cfg.batch_size, shuffle=shuffle, num_workers=workers, pin_memory=pin,
             persistent_workers=workers > 0, prefetch_factor=self.cfg.prefetch_factor if workers > 0 else None,
-            drop_last=False,
+            drop_last=False, worker_init_fn=worker_init if workers > 0 else None,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -21,7 +21,7 @@ from .checkpoint import load_model
 from .images import BadImageError, decode_image, is_image_file
 from .io import atomic_write
 from .metrics import binary_metrics
-from .transforms import eval_transform
+from .transforms import eval_transform, worker_init
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CHECKPOINT = REPO_ROOT / "models" / "crack_lite0.pt"
@@ -112,8 +112,6 @@ class Predictor:
             self.batch_size = 256 if self.on_gpu else 32
         if self.num_workers < 0:
             self.num_workers = min(16, max(1, (os.cpu_count() or 2) - 1)) if self.on_gpu else 1
-        if self.on_gpu:
-            torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
         self.checkpoint = Path(self.checkpoint) if self.checkpoint else DEFAULT_CHECKPOINT
         if self.checkpoint.suffix == ".onnx":
             from .export import OnnxModel
@@ -155,7 +153,8 @@ class Predictor:
     def iter_rows(self, paths: Sequence[Path], progress: bool = True) -> Iterator[Row]:
         loader = DataLoader(_Files(paths, eval_transform(self.pre, normalize=not self.device_normalize)),
                             batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=_collate,
-                            pin_memory=self.on_gpu, prefetch_factor=4 if self.num_workers else None)
+                            pin_memory=self.on_gpu, prefetch_factor=4 if self.num_workers else None,
+                            worker_init_fn=worker_init)
         for x, idx, errors in tqdm(loader, desc="predicting", unit="batch", disable=not progress):
             rows: list[tuple[int, Row]] = []
             if x is not None:

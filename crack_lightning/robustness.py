@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .images import decode_image
 from .metrics import binary_metrics
-from .transforms import eval_transform
+from .transforms import eval_transform, worker_init
 
 Shift = Callable[[np.ndarray, int], np.ndarray]
 
@@ -105,7 +105,7 @@ class _Shifted(Dataset):
 
 def probabilities(predictor, paths: Sequence[str], shift: Shift | None = None, desc: str = "") -> torch.Tensor:
     loader = DataLoader(_Shifted(paths, shift, predictor.pre), batch_size=predictor.batch_size,
-                        num_workers=predictor.num_workers)
+                        num_workers=predictor.num_workers, worker_init_fn=worker_init)
     return torch.cat([predictor.probabilities(x) for x in tqdm(loader, desc=desc, leave=False, unit="batch")])
 
 

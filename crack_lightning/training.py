@@ -315,8 +315,6 @@ def train(cfg: Config, resume: bool = False) -> dict:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     on_gpu = feature_device(cfg).type == "cuda"
-    if on_gpu:
-        torch.backends.cudnn.benchmark = True  # fixed input size: cuDNN picks the fastest kernels once
     dm = CrackDataModule(cfg.data, records, model.pre, device_normalize=on_gpu)
     if is_global_zero():
         write_text(run_dir / "config.yaml", dump_yaml(cfg))

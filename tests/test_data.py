@@ -130,3 +130,21 @@ def test_datamodule_device_normalize_ships_uint8(tmp_path):
     ref, _, _ = next(iter(CrackDataModule(cfg, records, pre).val_dataloader()))
     assert raw.dtype == torch.uint8
     assert torch.allclose(pre.normalize(raw), ref, atol=1e-5)
+
+
+class _ThreadsSeen(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        import cv2
+
+        return cv2.getNumThreads()
+
+
+def test_loader_workers_run_opencv_single_threaded(tmp_path):
+    """Each loader worker is one unit of parallelism: OpenCV must not start its own pool in it."""
+    records = split_records(scan(make_folder(tmp_path / "d"), CLASSES)[0], 0.25, 0.25, 0)
+    pre = Preprocessing(size=48, mean=(0.5,) * 3, std=(0.5,) * 3)
+    loader = CrackDataModule(DataConfig(batch_size=2, num_workers=1), records, pre)._loader(_ThreadsSeen(), False)
+    assert next(iter(loader)).tolist() == [1, 1]
