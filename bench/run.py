@@ -28,12 +28,12 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from crack_lightning.checkpoint import load_model  # noqa: E402
-from crack_lightning.data import ImageDataset, Record, list_images  # noqa: E402
+from crack_lightning.data import ImageDataset, Record, list_images, make_loader  # noqa: E402
 from crack_lightning.images import decode_image  # noqa: E402
 from crack_lightning.io import write_results  # noqa: E402
 from crack_lightning.predict import Predictor, label_from_path, write_rows  # noqa: E402
 from crack_lightning.training import compute_features, feature_extractor  # noqa: E402
-from crack_lightning.transforms import eval_transform, train_transform, worker_init  # noqa: E402
+from crack_lightning.transforms import eval_transform, train_transform  # noqa: E402
 
 
 CLASSES = ("Negative", "Positive")
@@ -122,7 +122,6 @@ def bench_predict(files: list[Path], checkpoint: Path, workers: int, batch: int,
         # plain baseline
         model = plain_model(checkpoint, device)
         loader = DataLoader(PlainFiles(files, predictor.pre), batch_size=batch if gpu else 32, num_workers=workers,
-                            worker_init_fn=worker_init,
                             pin_memory=gpu)
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=gpu):
             for k, (x, _) in enumerate(loader):  # same warm-up as ours
@@ -214,9 +213,9 @@ def bench_training(files: list[Path], checkpoint: Path, workers: int, steps: int
     gpu = device.type == "cuda"
     model = load_model(checkpoint).to(device)
     pre = model.pre
-    opts = dict(batch_size=batch, num_workers=workers, pin_memory=gpu, persistent_workers=workers > 0,
-                worker_init_fn=worker_init)
-    plain_loader = DataLoader(PlainLabelled(files, pre), shuffle=True, **opts)
+    opts = dict(pin_memory=gpu, persistent_workers=True)
+    plain_loader = DataLoader(PlainLabelled(files, pre), batch_size=batch, num_workers=workers, shuffle=True,
+                              pin_memory=gpu, persistent_workers=workers > 0)
     out = {"image_size": pre.size, "batch": batch, "decode_workers": workers, "device": str(device)}
 
     # frozen stage, plain: every epoch decodes, augments and runs the backbone again
@@ -225,7 +224,7 @@ def bench_training(files: list[Path], checkpoint: Path, workers: int, steps: int
     plain_frozen = 1 / train_steps(model, plain_loader, steps, frozen=True, channels_last=gpu, device=device)
     # frozen stage, ours: backbone once (ONNX Runtime on a CPU, bf16 on a GPU), then the head on stored features
     extract = feature_extractor(model, "auto", device)
-    ev = DataLoader(ImageDataset(records(files), eval_transform(pre, normalize=not gpu)), **opts)
+    ev = make_loader(ImageDataset(records(files), eval_transform(pre, normalize=not gpu)), batch, workers, **opts)
     t0 = time.perf_counter()
     cached = compute_features(extract, ev, "bench")
     feat_s = (time.perf_counter() - t0) / len(files)
@@ -260,8 +259,8 @@ def bench_training(files: list[Path], checkpoint: Path, workers: int, steps: int
         model = model.to(memory_format=torch.channels_last)
     plain_ft = 1 / train_steps(model, plain_loader, steps, frozen=False, channels_last=gpu, device=device)
     model = model.to(memory_format=torch.channels_last)
-    ours_loader = DataLoader(ImageDataset(records(files), train_transform(pre, "light", normalize=not gpu)),
-                             shuffle=True, **opts)
+    ours_loader = make_loader(ImageDataset(records(files), train_transform(pre, "light", normalize=not gpu)),
+                              batch, workers, shuffle=True, **opts)
     ours_ft = 1 / train_steps(model, ours_loader, steps, frozen=False, channels_last=True, device=device)
     out["finetune"] = {"plain_baseline_images_per_s": round(plain_ft, 1), "ours_images_per_s": round(ours_ft, 1),
                        "speedup": round(ours_ft / plain_ft, 2), "steps": steps}

@@ -153,7 +153,7 @@ def predict_main(argv: list[str]) -> int:
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
         raise ConfigError(f"--threshold must be in [0, 1], got {args.threshold}")
     if args.batch_size < 0 or args.workers < -1:
-        raise ConfigError("--batch-size must be >= 1 and --workers >= 0")
+        raise ConfigError("--batch-size must be >= 1 (0: automatic) and --workers >= 0 (-1: automatic)")
     if args.tile < 32 or args.stride < 0:
         raise ConfigError("--tile must be >= 32 and --stride >= 0")
     paths = collect_inputs(inputs)

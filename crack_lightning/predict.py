@@ -14,14 +14,15 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from .checkpoint import load_model
 from .images import BadImageError, decode_image, is_image_file
 from .io import atomic_write
 from .metrics import binary_metrics
-from .transforms import eval_transform, worker_init
+from .data import make_loader
+from .transforms import eval_transform
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CHECKPOINT = REPO_ROOT / "models" / "crack_lite0.pt"
@@ -151,10 +152,9 @@ class Predictor:
         return self.model.predict_proba(x).cpu()
 
     def iter_rows(self, paths: Sequence[Path], progress: bool = True) -> Iterator[Row]:
-        loader = DataLoader(_Files(paths, eval_transform(self.pre, normalize=not self.device_normalize)),
-                            batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=_collate,
-                            pin_memory=self.on_gpu, prefetch_factor=4 if self.num_workers else None,
-                            worker_init_fn=worker_init)
+        loader = make_loader(_Files(paths, eval_transform(self.pre, normalize=not self.device_normalize)),
+                             self.batch_size, self.num_workers, collate_fn=_collate, pin_memory=self.on_gpu,
+                             prefetch_factor=4)
         for x, idx, errors in tqdm(loader, desc="predicting", unit="batch", disable=not progress):
             rows: list[tuple[int, Row]] = []
             if x is not None:

@@ -13,12 +13,13 @@ from typing import Callable, Sequence
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from .images import decode_image
 from .metrics import binary_metrics
-from .transforms import eval_transform, worker_init
+from .data import make_loader
+from .transforms import eval_transform
 
 Shift = Callable[[np.ndarray, int], np.ndarray]
 
@@ -104,8 +105,7 @@ class _Shifted(Dataset):
 
 
 def probabilities(predictor, paths: Sequence[str], shift: Shift | None = None, desc: str = "") -> torch.Tensor:
-    loader = DataLoader(_Shifted(paths, shift, predictor.pre), batch_size=predictor.batch_size,
-                        num_workers=predictor.num_workers, worker_init_fn=worker_init)
+    loader = make_loader(_Shifted(paths, shift, predictor.pre), predictor.batch_size, predictor.num_workers)
     return torch.cat([predictor.probabilities(x) for x in tqdm(loader, desc=desc, leave=False, unit="batch")])
 
 

@@ -55,18 +55,6 @@ class Preprocessing:
         return cls(size=int(d["size"]), mean=tuple(d["mean"]), std=tuple(d["std"]))
 
 
-def worker_init(worker_id: int = 0) -> None:
-    """``worker_init_fn`` for every DataLoader that runs these transforms.
-
-    OpenCV starts a thread pool the size of the machine in each process; with
-    15 loader workers on 16 cores that is 240 threads fighting over tiny
-    227-px images (measured on an H200 host: 15 workers delivered ~3,400 img/s
-    where one worker alone does ~900). One OpenCV thread per worker: the
-    workers are the parallelism.
-    """
-    cv2.setNumThreads(1)
-
-
 def _finish(pre: Preprocessing, normalize: bool = True) -> list:
     norm = [A.Normalize(mean=pre.mean, std=pre.std, max_pixel_value=255.0)] if normalize else []
     return norm + [ToTensorV2()]

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from crack_lightning.config import DataConfig
-from crack_lightning.data import (CrackDataModule, DataError, check_no_leak, label_conflicts, read_split_csv,
-                                  scan, split_records, write_split_csv)
+from crack_lightning.data import (CrackDataModule, DataError, check_no_leak, label_conflicts, make_loader,
+                                  read_split_csv, scan, split_records, write_split_csv)
 from crack_lightning.transforms import Preprocessing
 from conftest import make_folder
 
@@ -138,13 +138,20 @@ class _ThreadsSeen(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         import cv2
+        import numpy as np
 
+        cv2.resize(np.zeros((1500, 1500, 3), np.uint8), (400, 400), interpolation=cv2.INTER_AREA)
         return cv2.getNumThreads()
 
 
-def test_loader_workers_run_opencv_single_threaded(tmp_path):
-    """Each loader worker is one unit of parallelism: OpenCV must not start its own pool in it."""
-    records = split_records(scan(make_folder(tmp_path / "d"), CLASSES)[0], 0.25, 0.25, 0)
-    pre = Preprocessing(size=48, mean=(0.5,) * 3, std=(0.5,) * 3)
-    loader = CrackDataModule(DataConfig(batch_size=2, num_workers=1), records, pre)._loader(_ThreadsSeen(), False)
+def test_loader_workers_run_opencv_single_threaded():
+    """Each loader worker is one unit of parallelism: OpenCV must not start its own pool in it,
+    also when the parent process already runs an OpenCV pool (reconfiguring it inside a forked
+    worker deadlocks; the setting must come from the parent)."""
+    import cv2
+    import numpy as np
+
+    cv2.setNumThreads(2)
+    cv2.resize(np.zeros((1500, 1500, 3), np.uint8), (400, 400), interpolation=cv2.INTER_AREA)  # parent pool runs
+    loader = make_loader(_ThreadsSeen(), batch_size=2, num_workers=1)
     assert next(iter(loader)).tolist() == [1, 1]

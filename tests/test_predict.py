@@ -70,3 +70,20 @@ def test_predict_user_errors(trained_run, tmp_path):
     assert res.returncode == 2 and res.stderr.strip() == f"error: no such file, folder or matching glob: {tmp_path / 'missing'}"
     res = run_cli("predict.py", "--checkpoint", str(tmp_path / "nope.pt"), str(SAMPLE))
     assert res.returncode == 2 and "checkpoint not found" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_predictor_defaults_follow_the_device_and_engine(trained_run):
+    from crack_lightning.predict import Predictor
+
+    cpu = Predictor(trained_run / "model.pt")
+    assert (cpu.batch_size, cpu.num_workers) == (32, 1)
+    assert cpu._run is not None and not cpu.device_normalize  # ONNX Runtime gets normalised floats
+    eager = Predictor(trained_run / "model.pt", engine="torch", batch_size=8, num_workers=0)
+    assert (eager.batch_size, eager.num_workers) == (8, 0)
+    assert eager.device_normalize  # PyTorch gets uint8 and normalises on its device
+
+
+def test_negative_batch_size_is_a_user_error(trained_run, tmp_path):
+    res = run_cli("predict.py", "--checkpoint", str(trained_run / "model.pt"), str(SAMPLE), "--batch-size", "-3",
+                  "--output", str(tmp_path / "p.csv"))
+    assert res.returncode == 2 and "--batch-size must be >= 1" in res.stderr and "Traceback" not in res.stderr
