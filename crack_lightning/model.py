@@ -87,8 +87,8 @@ class CrackClassifier(L.LightningModule):
 
     @torch.inference_mode()
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
-        """Crack probabilities ``(B,)``. On a GPU the backbone runs in bf16 autocast (2x the
-        images/s); the head and sigmoid stay float32 so probabilities near the threshold keep
+        """Crack probabilities ``(B,)``. On a GPU the backbone runs in bf16 autocast (tensor
+        cores); the head and sigmoid stay float32 so probabilities near the threshold keep
         their precision."""
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda):
             feats = self.features(x) if x.ndim == 4 else x

@@ -18,10 +18,10 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from .checkpoint import load_model
+from .data import make_loader
 from .images import BadImageError, decode_image, is_image_file
 from .io import atomic_write
 from .metrics import binary_metrics
-from .data import make_loader
 from .transforms import eval_transform
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
