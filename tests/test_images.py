@@ -62,3 +62,27 @@ def test_tiny_and_huge_refused_before_decoding(tmp_path):
     big = save(tmp_path, "b.png", Image.new("L", (3000, 3000)))
     with pytest.raises(BadImageError, match="too large"):
         decode_image(big, max_pixels=1_000_000)
+
+
+def test_fast_jpeg_path_is_bit_identical_to_pillow():
+    """Plain RGB JPEGs are decoded by OpenCV for speed; the pixels must be exactly Pillow's."""
+    from conftest import SAMPLE
+
+    from crack_lightning.images import _decode_plain_jpeg
+
+    files = sorted(SAMPLE.rglob("*.jpg"))[:40]
+    for f in files:
+        with Image.open(f) as im:
+            assert _decode_plain_jpeg(im, f) is not None  # the fast path is the one taken
+            expected = np.asarray(im.convert("RGB"))
+        got = decode_image(f)
+        assert got.dtype == np.uint8 and got.flags["C_CONTIGUOUS"]
+        assert np.array_equal(got, expected), f
+
+
+def test_jpeg_with_trailing_bytes_still_decodes(tmp_path):
+    p = save(tmp_path, "x.jpg", Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), np.uint8)))
+    with Image.open(p) as im:
+        expected = np.asarray(im.convert("RGB"))
+    p.write_bytes(p.read_bytes() + b"\x00trailer")
+    assert np.array_equal(decode_image(p), expected)
