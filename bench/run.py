@@ -168,8 +168,7 @@ def train_steps(model, loader, steps: int, frozen: bool, channels_last: bool,
         while n > 0:
             for batch in loader:
                 x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-                if x.dtype == torch.uint8:
-                    x = model.pre.normalize(x)
+                x = model.pre.model_input(x)
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=gpu):

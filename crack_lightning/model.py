@@ -70,8 +70,7 @@ class CrackClassifier(L.LightningModule):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features of images: normalised floats, or uint8 (normalised here, on x's device)."""
-        if x.dtype == torch.uint8:
-            x = self.pre.normalize(x)
+        x = self.pre.model_input(x)
         if x.is_cuda:  # channels_last is the fast layout for convolutions on tensor cores
             x = x.contiguous(memory_format=torch.channels_last)
         return self.backbone(x)

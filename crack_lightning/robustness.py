@@ -16,9 +16,9 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from .data import make_loader
 from .images import decode_image
 from .metrics import binary_metrics
-from .data import make_loader
 from .transforms import eval_transform
 
 Shift = Callable[[np.ndarray, int], np.ndarray]

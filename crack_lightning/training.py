@@ -90,7 +90,7 @@ class EpochTimer(Callback):
 
     def __init__(self):
         self.epochs: list[dict[str, float]] = []
-        self._t0, self._images = 0.0, 0
+        self._t0, self._images, self._open = 0.0, 0, False
 
     @staticmethod
     def _now(trainer) -> float:
@@ -105,12 +105,12 @@ class EpochTimer(Callback):
         self._images += len(batch[1])
 
     def _close(self, trainer) -> None:
-        if getattr(self, "_open", False):
+        if self._open:
             self._open = False
             seconds = self._now(trainer) - self._t0
-            self.epochs.append({"epoch": trainer.current_epoch, "train_s": round(seconds, 3),
-                                "images": self._images * trainer.world_size,
-                                "images_per_s": round(self._images * trainer.world_size / max(seconds, 1e-9), 1)})
+            images = self._images * trainer.world_size
+            self.epochs.append({"epoch": trainer.current_epoch, "train_s": round(seconds, 3), "images": images,
+                                "images_per_s": round(images / max(seconds, 1e-9), 1)})
 
     def on_validation_start(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking:
@@ -185,13 +185,13 @@ def feature_extractor(model: CrackClassifier, engine: str = "auto", device: torc
         from .export import onnx_runner
 
         ort = onnx_runner(model.backbone, pre.size)
-        return lambda x: ort(pre.normalize(x) if x.dtype == torch.uint8 else x)
+        return lambda x: ort(pre.model_input(x))
     backbone = copy.deepcopy(model.backbone).to(device, memory_format=torch.channels_last)
 
     @torch.inference_mode()
     def run(x: torch.Tensor) -> torch.Tensor:
         x = x.to(device, non_blocking=True)
-        x = (pre.normalize(x) if x.dtype == torch.uint8 else x).contiguous(memory_format=torch.channels_last)
+        x = pre.model_input(x).contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             return backbone(x).float().cpu()
     return run

@@ -47,6 +47,10 @@ class Preprocessing:
         std = torch.tensor(self.std, device=x.device, dtype=torch.float32).view(1, 3, 1, 1)
         return (x.float() / 255.0 - mean) / std
 
+    def model_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What a backbone takes: uint8 batches normalised here, already-normalised floats as they are."""
+        return self.normalize(x) if x.dtype == torch.uint8 else x
+
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
