@@ -28,12 +28,12 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from crack_lightning.checkpoint import load_model  # noqa: E402
-from crack_lightning.data import ImageDataset, Record, list_images, make_loader  # noqa: E402
+from crack_lightning.data import ImageDataset, Record, Uint8Batches, list_images, make_loader  # noqa: E402
 from crack_lightning.images import decode_image  # noqa: E402
 from crack_lightning.io import write_results  # noqa: E402
 from crack_lightning.predict import Predictor, label_from_path, write_rows  # noqa: E402
 from crack_lightning.training import compute_features, feature_extractor  # noqa: E402
-from crack_lightning.transforms import eval_transform, train_transform  # noqa: E402
+from crack_lightning.transforms import area_resize, eval_transform, resize_op, train_transform  # noqa: E402
 
 
 CLASSES = ("Negative", "Positive")
@@ -59,14 +59,30 @@ def rate(n: int, seconds: float) -> float:
 # ---------------------------------------------------------------- 1. data pipeline
 def bench_pipeline(files: list[Path], pre) -> dict:
     out = {}
-    for name, tf in (("train_decode_augment", train_transform(pre, "light")), ("eval_decode_preprocess",
-                                                                             eval_transform(pre))):
+    for name, tf in (("train_decode_augment", train_transform(pre, "light")),
+                     ("eval_decode_preprocess", eval_transform(pre)),
+                     ("decode_only_resize_on_gpu", None)):  # what a worker does when the GPU resizes
         t0 = time.perf_counter()
         for f in files:
-            tf(image=decode_image(f))
+            image = decode_image(f)
+            if tf is not None:
+                tf(image=image)
         out[name] = {"images_per_s_per_worker": rate(len(files), time.perf_counter() - t0), "images": len(files),
                      "image_size": pre.size}
     return out
+
+
+def check_device_resize(files: list[Path], pre, device: torch.device) -> dict:
+    """Pixels where the device's area resize differs from OpenCV's (the loader's) on real images."""
+    import numpy as np
+
+    images = [decode_image(f) for f in files]
+    images = [im for im in images if im.shape == images[0].shape]
+    x = torch.from_numpy(np.stack(images)).to(device)
+    got = area_resize(x, pre.size).cpu().numpy()
+    ref = np.stack([resize_op(pre)(image=im)["image"] for im in images])
+    return {"images": len(images), "from": list(images[0].shape[:2]), "to": pre.size, "device": str(device),
+            "pixels_differing": int((got != ref).sum()), "pixels": int(ref.size)}
 
 
 # ---------------------------------------------------------------- 2. prediction
@@ -119,6 +135,9 @@ def bench_predict(files: list[Path], checkpoint: Path, workers: int, batch: int,
         rows = write_rows(predictor.iter_rows(files, progress=False), Path(tmp) / "ours.csv")
         ours_s = time.perf_counter() - t0
         assert len(rows) == len(files)
+        t0 = time.perf_counter()  # the same loader with no model: the most the pipeline can feed
+        loaded = sum(len(idx) for _, idx, _ in predictor.loader(files))
+        loader_s = time.perf_counter() - t0
         # plain baseline
         model = plain_model(checkpoint, device)
         loader = DataLoader(PlainFiles(files, predictor.pre), batch_size=batch if gpu else 32, num_workers=workers,
@@ -142,7 +161,8 @@ def bench_predict(files: list[Path], checkpoint: Path, workers: int, batch: int,
         "images": len(files), "image_size": predictor.pre.size, "decode_workers": predictor.num_workers,
         "device": str(device),
         "ours": {"images_per_s": rate(len(files), ours_s), "batch": predictor.batch_size, "engine": engine,
-                 "model_load_s": round(load_s, 2)},
+                 "model_load_s": round(load_s, 2), "loader_alone_images_per_s": rate(loaded, loader_s),
+                 "resize_on": "gpu" if predictor.defer_resize else "loader workers"},
         "plain_baseline": {"images_per_s": rate(len(files), plain_s), "batch": batch if gpu else 32,
                            "engine": "torch bf16 channels_last, PIL + torchvision" if gpu else "torch eager fp32"},
         "speedup": round(plain_s / ours_s, 2),
@@ -223,7 +243,9 @@ def bench_training(files: list[Path], checkpoint: Path, workers: int, steps: int
     plain_frozen = 1 / train_steps(model, plain_loader, steps, frozen=True, channels_last=gpu, device=device)
     # frozen stage, ours: backbone once (ONNX Runtime on a CPU, bf16 on a GPU), then the head on stored features
     extract = feature_extractor(model, "auto", device)
-    ev = make_loader(ImageDataset(records(files), eval_transform(pre, normalize=not gpu)), batch, workers, **opts)
+    uint8 = dict(collate_fn=Uint8Batches(pre, defer_resize=True)) if gpu else {}  # as training does on a GPU
+    ev = make_loader(ImageDataset(records(files), None if gpu else eval_transform(pre)), batch, workers, **opts,
+                     **uint8)
     t0 = time.perf_counter()
     cached = compute_features(extract, ev, "bench")
     feat_s = (time.perf_counter() - t0) / len(files)
@@ -259,7 +281,7 @@ def bench_training(files: list[Path], checkpoint: Path, workers: int, steps: int
     plain_ft = 1 / train_steps(model, plain_loader, steps, frozen=False, channels_last=gpu, device=device)
     model = model.to(memory_format=torch.channels_last)
     ours_loader = make_loader(ImageDataset(records(files), train_transform(pre, "light", normalize=not gpu)),
-                              batch, workers, shuffle=True, **opts)
+                              batch, workers, shuffle=True, **opts, **uint8)
     ours_ft = 1 / train_steps(model, ours_loader, steps, frozen=False, channels_last=True, device=device)
     out["finetune"] = {"plain_baseline_images_per_s": round(plain_ft, 1), "ours_images_per_s": round(ours_ft, 1),
                        "speedup": round(ours_ft / plain_ft, 2), "steps": steps}
@@ -291,9 +313,12 @@ def table(r: dict) -> str:
         "|---|---|---|---|",
         f"| data: decode + train aug, img/s per worker | | {r['pipeline']['train_decode_augment']['images_per_s_per_worker']} | |",
         f"| data: decode + eval preprocessing, img/s per worker | | {r['pipeline']['eval_decode_preprocess']['images_per_s_per_worker']} | |",
+        f"| data: decode only (resize left to the GPU), img/s per worker | | "
+        f"{r['pipeline']['decode_only_resize_on_gpu']['images_per_s_per_worker']} | |",
         f"| predict, JPEG -> CSV, img/s ({p['images']} images, {p['decode_workers']} decode worker(s)) | "
         f"{p['plain_baseline']['images_per_s']} (batch {p['plain_baseline']['batch']}) | {p['ours']['images_per_s']} ({p['ours']['engine']}, "
-        f"batch {p['ours']['batch']}) | {p['speedup']}x |",
+        f"batch {p['ours']['batch']}, resize in {p['ours']['resize_on']}) | {p['speedup']}x |",
+        f"| predict's loader alone (no model), img/s | | {p['ours']['loader_alone_images_per_s']} | |",
         f"| training, frozen backbone, img/s ({t['frozen']['epochs_assumed']} epochs) | "
         f"{t['frozen']['plain_baseline_images_per_s']} | {t['frozen']['ours_effective_images_per_s']} "
         f"(features {t['frozen']['ours_feature_extraction_images_per_s']} once, head "
@@ -301,6 +326,10 @@ def table(r: dict) -> str:
         f"| training, full fine-tuning, img/s | {t['finetune']['plain_baseline_images_per_s']} | "
         f"{t['finetune']['ours_images_per_s']} | {t['finetune']['speedup']}x |",
     ]
+    dr = r.get("device_resize")
+    if dr:
+        lines.append(f"| GPU area resize vs OpenCV ({dr['images']} images, {dr['from'][0]}x{dr['from'][1]} -> "
+                     f"{dr['to']}), pixels differing | | {dr['pixels_differing']} of {dr['pixels']} | |")
     tta = r.get("time_to_accuracy")
     if tta:
         lines.append(f"| full data, cold start to tested model | | {tta['wall_time_s']:.0f} s, test acc "
@@ -335,6 +364,9 @@ def main() -> int:
     results = {"hardware": hardware(), "data": str(root)}
     print("1/4 data pipeline ...", flush=True)
     results["pipeline"] = bench_pipeline(files[:400], pre)
+    if device.type == "cuda":
+        results["device_resize"] = check_device_resize(files[:512], pre, device)
+        print(f"   {results['device_resize']}", flush=True)
     print("2/4 prediction ...", flush=True)
     results["predict"] = bench_predict(files, Path(args.checkpoint), args.workers, args.batch, device)
     print(f"   {results['predict']}", flush=True)

@@ -20,12 +20,12 @@ from typing import Callable, Sequence
 import cv2
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
 from .config import DataConfig
 from .images import BadImageError, decode_image, is_image_file
-from .transforms import Preprocessing, eval_transform, train_transform
+from .transforms import Preprocessing, eval_transform, stack_uint8, train_transform
 
 SPLITS = ("train", "val", "test")
 
@@ -198,9 +198,10 @@ def subsample(records: list[Record], max_per_class: int, seed: int) -> list[Reco
 
 
 class ImageDataset(Dataset):
-    """``(image tensor, label, index)`` for a list of records."""
+    """``(image, label, index)`` for a list of records; ``transform=None`` gives the decoded
+    HWC array (for :class:`Uint8Batches` with ``defer_resize``)."""
 
-    def __init__(self, records: Sequence[Record], transform: Callable):
+    def __init__(self, records: Sequence[Record], transform: Callable | None):
         self.records = list(records)
         self.transform = transform
 
@@ -210,7 +211,22 @@ class ImageDataset(Dataset):
     def __getitem__(self, i: int):
         r = self.records[i]
         image = decode_image(r.path)
-        return self.transform(image=image)["image"], torch.tensor(float(r.label)), i
+        if self.transform is not None:
+            image = self.transform(image=image)["image"]
+        return image, torch.tensor(float(r.label)), i
+
+
+@dataclass
+class Uint8Batches:
+    """``collate_fn`` of loaders that ship uint8: images through :func:`stack_uint8`
+    (``(B,H,W,3)``, finished on the model's device), the rest of each item default-collated."""
+
+    pre: Preprocessing
+    defer_resize: bool = False
+
+    def __call__(self, items: list[tuple]) -> tuple:
+        images = stack_uint8([it[0] for it in items], self.pre, self.defer_resize)
+        return (images, *default_collate([it[1:] for it in items]))
 
 
 def make_loader(ds: Dataset, batch_size: int, num_workers: int, *, shuffle: bool = False, collate_fn=None,
@@ -250,14 +266,17 @@ class TensorItems(Dataset):
 class CrackDataModule(L.LightningDataModule):
     """Loaders over a split table. Train gets augmentation; val/test/predict the eval transform.
 
-    ``device_normalize``: batches stay uint8 and the model normalises them on the GPU
-    (a quarter of the bytes to pin and copy, which is what starves a fast GPU).
+    ``device_normalize``: batches stay uint8 ``(B,H,W,3)`` and the model normalises them on
+    the GPU (a quarter of the bytes to pin and copy, which is what starves a fast GPU);
+    ``defer_resize`` also leaves the eval resize to the GPU (see :func:`stack_uint8`).
     """
 
-    def __init__(self, cfg: DataConfig, records: list[Record], pre: Preprocessing, device_normalize: bool = False):
+    def __init__(self, cfg: DataConfig, records: list[Record], pre: Preprocessing, device_normalize: bool = False,
+                 defer_resize: bool = False):
         super().__init__()
         self.cfg, self.records, self.pre = cfg, records, pre
         self.device_normalize = device_normalize
+        self.defer_resize = device_normalize and defer_resize
         self.features: dict[str, TensorItems] = {}
 
     def split(self, name: str) -> list[Record]:
@@ -270,11 +289,15 @@ class CrackDataModule(L.LightningDataModule):
 
     def _transform(self, augment: bool):
         norm = not self.device_normalize
-        return train_transform(self.pre, self.cfg.augment, norm) if augment else eval_transform(self.pre, norm)
+        if augment:
+            return train_transform(self.pre, self.cfg.augment, norm)
+        return None if self.defer_resize else eval_transform(self.pre, norm)
 
     def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
-        workers = 0 if isinstance(ds, TensorItems) else self.cfg.num_workers
-        return make_loader(ds, self.cfg.batch_size, workers, shuffle=shuffle, pin_memory=torch.cuda.is_available(),
+        images = not isinstance(ds, TensorItems)
+        collate = Uint8Batches(self.pre, self.defer_resize) if images and self.device_normalize else None
+        return make_loader(ds, self.cfg.batch_size, self.cfg.num_workers if images else 0, shuffle=shuffle,
+                           collate_fn=collate, pin_memory=torch.cuda.is_available(),
                            prefetch_factor=self.cfg.prefetch_factor, persistent_workers=True)
 
     def train_dataloader(self) -> DataLoader:
@@ -300,7 +323,7 @@ def class_counts(records: list[Record]) -> dict[str, dict[int, int]]:
 
 
 __all__ = [
-    "CrackDataModule", "DataError", "ImageDataset", "Record", "TensorItems", "check_no_leak", "class_counts",
-    "label_conflicts", "list_images", "make_loader", "read_split_csv", "scan", "split_records", "subsample",
-    "write_split_csv",
+    "CrackDataModule", "DataError", "ImageDataset", "Record", "TensorItems", "Uint8Batches", "check_no_leak",
+    "class_counts", "label_conflicts", "list_images", "make_loader", "read_split_csv", "scan", "split_records",
+    "subsample", "write_split_csv",
 ]

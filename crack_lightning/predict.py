@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .checkpoint import load_model
@@ -22,7 +22,7 @@ from .data import make_loader
 from .images import BadImageError, decode_image, is_image_file
 from .io import atomic_write
 from .metrics import binary_metrics
-from .transforms import eval_transform
+from .transforms import Preprocessing, eval_transform, stack_uint8
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CHECKPOINT = REPO_ROOT / "models" / "crack_lite0.pt"
@@ -67,6 +67,8 @@ def label_from_path(path: Path, class_names: Sequence[str]) -> int | None:
 
 
 class _Files(Dataset):
+    """``(image or None, index, error)``; ``transform=None`` gives the decoded HWC array."""
+
     def __init__(self, paths: Sequence[Path], transform):
         self.paths, self.transform = list(paths), transform
 
@@ -75,15 +77,29 @@ class _Files(Dataset):
 
     def __getitem__(self, i: int):
         try:
-            return self.transform(image=decode_image(self.paths[i]))["image"], i, ""
+            image = decode_image(self.paths[i])
         except BadImageError as exc:
             return None, i, str(exc)
+        return (image if self.transform is None else self.transform(image=image)["image"]), i, ""
 
 
-def _collate(items):
-    good = [(x, i) for x, i, e in items if x is not None]
-    x = torch.stack([g[0] for g in good]) if good else None
-    return x, [g[1] for g in good], [(i, e) for x_, i, e in items if x_ is None]
+@dataclass
+class _Batches:
+    """Collate good images into one batch (float ``(B,3,S,S)``, or uint8 ``(B,H,W,3)`` via
+    :func:`stack_uint8`); bad files travel as ``(index, reason)``."""
+
+    pre: Preprocessing
+    uint8: bool
+    defer_resize: bool
+
+    def __call__(self, items):
+        good = [(x, i) for x, i, _ in items if x is not None]
+        errors = [(i, e) for x, i, e in items if x is None]
+        if not good:
+            return None, [], errors
+        images = [g[0] for g in good]
+        x = stack_uint8(images, self.pre, self.defer_resize) if self.uint8 else torch.stack(images)
+        return x, [g[1] for g in good], errors
 
 
 @dataclass
@@ -140,22 +156,32 @@ class Predictor:
         (on a GPU, 4x fewer bytes to pin and copy)."""
         return self._run is None and isinstance(self.model, torch.nn.Module)
 
+    @property
+    def defer_resize(self) -> bool:
+        """On a GPU the resize is left to it too (:func:`stack_uint8`): it is most of a loader
+        worker's time, and the loader is what limits prediction there."""
+        return self.device_normalize and self.on_gpu
+
     @torch.inference_mode()
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
-        """Crack probabilities for a batch already through :func:`eval_transform`
-        (uint8, not yet normalised, when :attr:`device_normalize`)."""
+        """Crack probabilities for a batch of normalised floats (:func:`eval_transform`) or,
+        for the PyTorch engine, uint8 ``(B,H,W,3)`` (:func:`stack_uint8`)."""
         if self._run is not None:
             return self._run(batch)
         if not isinstance(self.model, torch.nn.Module):
             return self.model(batch)
-        x = batch.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        return self.model.predict_proba(x).cpu()
+        return self.model.predict_proba(batch.to(self.device, non_blocking=True)).cpu()
+
+    def loader(self, paths: Sequence[Path]) -> DataLoader:
+        """Batches ``(images, indices, [(index, reason)])`` of ``paths``, in order, ready for
+        :meth:`probabilities`."""
+        transform = None if self.defer_resize else eval_transform(self.pre, normalize=not self.device_normalize)
+        return make_loader(_Files(paths, transform), self.batch_size, self.num_workers,
+                           collate_fn=_Batches(self.pre, self.device_normalize, self.defer_resize),
+                           pin_memory=self.on_gpu, prefetch_factor=4)
 
     def iter_rows(self, paths: Sequence[Path], progress: bool = True) -> Iterator[Row]:
-        loader = make_loader(_Files(paths, eval_transform(self.pre, normalize=not self.device_normalize)),
-                             self.batch_size, self.num_workers, collate_fn=_collate, pin_memory=self.on_gpu,
-                             prefetch_factor=4)
-        for x, idx, errors in tqdm(loader, desc="predicting", unit="batch", disable=not progress):
+        for x, idx, errors in tqdm(self.loader(paths), desc="predicting", unit="batch", disable=not progress):
             rows: list[tuple[int, Row]] = []
             if x is not None:
                 for i, p in zip(idx, self.probabilities(x).tolist()):

@@ -315,7 +315,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     on_gpu = feature_device(cfg).type == "cuda"
-    dm = CrackDataModule(cfg.data, records, model.pre, device_normalize=on_gpu)
+    dm = CrackDataModule(cfg.data, records, model.pre, device_normalize=on_gpu, defer_resize=on_gpu)
     if is_global_zero():
         write_text(run_dir / "config.yaml", dump_yaml(cfg))
         write_text(run_dir / "model_summary.txt", f"{ModelSummary(model, max_depth=2)}\n\n{model}\n")

@@ -126,10 +126,14 @@ def test_datamodule_device_normalize_ships_uint8(tmp_path):
     records = split_records(scan(make_folder(tmp_path / "d"), CLASSES)[0], 0.25, 0.25, 0)
     pre = Preprocessing(size=48, mean=(0.5,) * 3, std=(0.5,) * 3)
     cfg = DataConfig(batch_size=4, num_workers=0)
-    raw, _, _ = next(iter(CrackDataModule(cfg, records, pre, device_normalize=True).val_dataloader()))
-    ref, _, _ = next(iter(CrackDataModule(cfg, records, pre).val_dataloader()))
-    assert raw.dtype == torch.uint8
-    assert torch.allclose(pre.normalize(raw), ref, atol=1e-5)
+    raw, y_raw, _ = next(iter(CrackDataModule(cfg, records, pre, device_normalize=True).val_dataloader()))
+    ref, y_ref, _ = next(iter(CrackDataModule(cfg, records, pre).val_dataloader()))
+    assert raw.dtype == torch.uint8 and raw.shape == (4, 48, 48, 3) and torch.equal(y_raw, y_ref)
+    assert torch.allclose(pre.model_input(raw), ref, atol=1e-5)
+    deferred, _, _ = next(iter(CrackDataModule(cfg, records, pre, device_normalize=True,
+                                               defer_resize=True).val_dataloader()))
+    assert deferred.shape == (4, 64, 64, 3)  # the 64 px files travel as they are; the device resizes
+    assert torch.equal(pre.model_input(deferred), pre.model_input(raw))
 
 
 class _ThreadsSeen(torch.utils.data.Dataset):

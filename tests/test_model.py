@@ -53,9 +53,11 @@ def test_threshold_is_part_of_state_dict():
 
 
 def test_uint8_images_are_normalised_by_the_model():
+    """uint8 batches are (B,H,W,3), as loaders ship them; the model normalises them itself."""
     torch.manual_seed(0)
     m = tiny().eval()
-    raw = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    assert m.pre.size == 64
+    raw = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
     with torch.no_grad():
-        assert torch.allclose(m(raw), m(m.pre.normalize(raw)), atol=1e-6)
+        assert torch.allclose(m(raw), m(m.pre.normalize(raw.permute(0, 3, 1, 2))), atol=1e-6)
         assert torch.allclose(m.predict_proba(raw), torch.sigmoid(m(raw)), atol=1e-6)

@@ -1,8 +1,13 @@
+import cv2
 import numpy as np
+import pytest
 import timm
 import torch
 
-from crack_lightning.transforms import Preprocessing, eval_transform, preprocess_batch, train_transform
+from conftest import SAMPLE
+from crack_lightning.images import decode_image
+from crack_lightning.transforms import (Preprocessing, area_resize, area_resize_exact, eval_transform,
+                                        preprocess_batch, stack_uint8, train_transform)
 
 
 def test_preprocessing_from_timm_data_config():
@@ -41,8 +46,56 @@ def test_uint8_pipeline_normalised_on_device_equals_cpu_normalisation():
     pre = Preprocessing(48, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     img = np.random.default_rng(1).integers(0, 256, (227, 227, 3), dtype=np.uint8)
     raw = eval_transform(pre, normalize=False)(image=img)["image"]
-    assert raw.dtype == torch.uint8 and raw.shape == (3, 48, 48)
+    assert raw.dtype == np.uint8 and raw.shape == (48, 48, 3)
     expected = eval_transform(pre)(image=img)["image"]
-    assert torch.allclose(pre.normalize(raw[None])[0], expected, atol=1e-5)
+    x = pre.model_input(stack_uint8([raw], pre))
+    assert x.shape == (1, 3, 48, 48) and x.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(x[0], expected, atol=1e-5)
     aug = train_transform(pre, "strong", normalize=False)(image=img)["image"]
-    assert aug.dtype == torch.uint8 and aug.shape == (3, 48, 48)
+    assert aug.dtype == np.uint8 and aug.shape == (48, 48, 3)
+
+
+def _cv2_area(images: np.ndarray, height: int, width: int) -> np.ndarray:
+    return np.stack([cv2.resize(im, (width, height), interpolation=cv2.INTER_AREA) for im in images])
+
+
+def test_area_resize_is_bit_identical_to_opencv_on_real_jpegs():
+    """The GPU-side resize must not move a single pixel: 227 -> 224 on the sample JPEGs."""
+    images = np.stack([decode_image(f) for f in sorted(SAMPLE.rglob("*.jpg"))])
+    assert images.shape[1:] == (227, 227, 3) and len(images) >= 20
+    got = area_resize(torch.from_numpy(images), 224).numpy()
+    assert np.array_equal(got, _cv2_area(images, 224, 224))
+
+
+@pytest.mark.parametrize("height,width,size", [(480, 640, 224), (300, 227, 224), (229, 500, 150),
+                                               (3000, 4000, 224), (448, 300, 224), (50, 50, 50)])
+def test_area_resize_matches_opencv_for_every_size_it_accepts(height, width, size):
+    images = np.random.default_rng(height + width).integers(0, 256, (2, height, width, 3), dtype=np.uint8)
+    assert area_resize_exact(height, width, size)
+    got = area_resize(torch.from_numpy(images), size).numpy()
+    assert np.array_equal(got, _cv2_area(images, size, size))
+
+
+@pytest.mark.parametrize("height,width", [(448, 448), (672, 448), (100, 300), (200, 224)])
+def test_area_resize_refuses_what_opencv_computes_differently(height, width):
+    """Integer factors on both axes (OpenCV's own fast path rounds differently) and upscales."""
+    assert not area_resize_exact(height, width, 224)
+    with pytest.raises(ValueError, match="cannot reproduce OpenCV"):
+        area_resize(torch.zeros(1, height, width, 3, dtype=torch.uint8), 224)
+
+
+def test_stack_uint8_defers_the_resize_only_when_the_device_can_repeat_it():
+    pre = Preprocessing(224, (0.5,) * 3, (0.5,) * 3)
+    rng = np.random.default_rng(3)
+    same = [rng.integers(0, 256, (227, 227, 3), dtype=np.uint8) for _ in range(3)]
+    deferred = stack_uint8(same, pre, defer_resize=True)
+    assert deferred.shape == (3, 227, 227, 3)  # travels at its own size
+    resized = stack_uint8(same, pre)
+    assert resized.shape == (3, 224, 224, 3)
+    expected = torch.stack([eval_transform(pre)(image=im)["image"] for im in same])
+    assert torch.equal(pre.model_input(deferred), pre.model_input(resized))
+    assert torch.allclose(pre.model_input(deferred), expected, atol=1e-6)
+    mixed = same[:2] + [rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)]
+    assert stack_uint8(mixed, pre, defer_resize=True).shape == (3, 224, 224, 3)  # sizes differ: resized here
+    integer = [rng.integers(0, 256, (448, 448, 3), dtype=np.uint8)]
+    assert stack_uint8(integer, pre, defer_resize=True).shape == (1, 224, 224, 3)
