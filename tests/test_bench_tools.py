@@ -1,8 +1,9 @@
-"""The helper that packs a data folder into parts for a lent GPU machine."""
+"""The benchmark scripts: bench/run.py end to end (tiny sizes) and the data packer for a lent GPU."""
 import importlib.util
+import json
 import tarfile
 
-from conftest import ROOT, SAMPLE
+from conftest import ROOT, SAMPLE, run_cli
 
 
 def test_pack_data_splits_and_keeps_every_file(tmp_path):
@@ -21,3 +22,24 @@ def test_pack_data_splits_and_keeps_every_file(tmp_path):
         tar.extractall(tmp_path / "out", filter="data")
     first = sorted((tmp_path / "out").rglob("*.jpg"))[0]
     assert first.read_bytes() == (SAMPLE / first.relative_to(tmp_path / "out" / "sample")).read_bytes()
+
+
+def test_bench_run_measures_every_row_and_writes_json_and_table(tmp_path):
+    """A tiny CPU run of the one benchmark command: every figure present, positive, consistent."""
+    out = tmp_path / "results.json"
+    res = run_cli("bench/run.py", "--data", str(SAMPLE), "--images", "32", "--train-images", "16", "--steps", "1",
+                  "--epochs", "2", "--out", str(out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert r["hardware"]["cpu_count"] >= 1 and r["hardware"]["gpu"] is None
+    for row in r["pipeline"].values():
+        assert row["images_per_s_per_worker"] > 0 and row["image_size"] == 224
+    p = r["predict"]
+    assert p["images"] == 32 and p["ours"]["engine"] == "onnxruntime" and p["ours"]["resize_on"] == "loader workers"
+    assert p["ours"]["images_per_s"] > 0 and p["ours"]["loader_alone_images_per_s"] > 0
+    assert abs(p["speedup"] - p["ours"]["images_per_s"] / p["plain_baseline"]["images_per_s"]) < 0.02 * p["speedup"]
+    t = r["training"]
+    assert t["frozen"]["speedup"] > 0 and t["finetune"]["ours_images_per_s"] > 0 and t["batch"] == 32
+    table = out.with_suffix(".md").read_text()
+    assert "predict, JPEG -> CSV" in table and "decode only (resize left to the GPU)" in table
+    assert "device_resize" not in r  # the GPU check runs only on a GPU
