@@ -4,7 +4,9 @@
 #   2. the robust recipe (configs/robust_gpu.yaml), full fine-tuning, for bench/robustness.py
 #   3. bench/run.py --device cuda: data pipeline, prediction from JPEG files (ours vs plain), training throughput
 #   4. a second robust variant (lower fine-tuning learning rate), if the time budget allows
-# usage: bench/gpu.sh DATA_ROOT OUT_DIR [SECONDS_BUDGET]
+# usage: bench/gpu.sh DATA_ROOT OUT_DIR [SECONDS_BUDGET] [STEPS]
+#   STEPS: which of "gpu bench robust robust_lr1e-4" to run, in that order (default "gpu bench":
+#   the speed figures; the robust runs produced the released model and need not be repeated)
 #
 # On this workplace's lent GPU (nothing reachable from it; 64 MiB carried per call):
 #   here:  python bench/pack_data.py ../shared/data/mendeley .pack     (5 parts; .pack/ is git-ignored)
@@ -18,7 +20,9 @@ set -u
 DATA=${1:?data root with Positive/ and Negative/}
 OUT=${2:?output folder}
 BUDGET=${3:-480}
+STEPS=" ${4:-gpu bench} "
 START=$SECONDS
+want() { [[ "$STEPS" == *" $1 "* ]]; }
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 left() { echo $((BUDGET - (SECONDS - START))); }
@@ -26,13 +30,16 @@ upto() { local l; l=$(left); echo $(( l < $1 ? l : $1 )); }  # a step's timeout:
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 nproc | tee -a "$OUT/gpu.txt"
 
-timeout 200 python3 train.py --config configs/gpu.yaml --data.root "$DATA" --output_dir "$OUT/runs" \
-    --run_name gpu --trainer.enable_progress_bar false > "$OUT/train_gpu.log" 2>&1
-echo "train gpu rc=$? at $((SECONDS - START)) s"; tail -3 "$OUT/train_gpu.log"
+if want gpu; then
+    timeout 200 python3 train.py --config configs/gpu.yaml --data.root "$DATA" --output_dir "$OUT/runs" \
+        --run_name gpu --trainer.enable_progress_bar false > "$OUT/train_gpu.log" 2>&1
+    echo "train gpu rc=$? at $((SECONDS - START)) s"; tail -3 "$OUT/train_gpu.log"
+fi
 
 for variant in "robust" "BENCH" "robust_lr1e-4 --train.finetune.lr 0.0001"; do
     set -- $variant
     if [ "$1" = BENCH ]; then
+        want bench || continue
         timeout "$(upto 200)" python3 bench/run.py --device cuda --data "$DATA" --checkpoint models/crack_lite0.pt \
             --run "$OUT/runs/gpu" --images 30000 --train-images 15360 --steps 40 --workers 15 --batch 256 \
             --out "$OUT/results_gpu.json" > "$OUT/bench_gpu.log" 2>&1
@@ -40,6 +47,7 @@ for variant in "robust" "BENCH" "robust_lr1e-4 --train.finetune.lr 0.0001"; do
         continue
     fi
     name=$1; shift
+    want "$name" || continue
     if [ "$(left)" -lt 120 ]; then echo "skip $name: $(left) s left"; continue; fi
     timeout "$(upto 180)" python3 train.py --config configs/robust_gpu.yaml --data.root "$DATA" \
         --output_dir "$OUT/runs" --run_name "$name" --trainer.enable_progress_bar false "$@" > "$OUT/train_$name.log" 2>&1

@@ -121,6 +121,7 @@ class Predictor:
     num_workers: int = -1  # -1: 1 decode worker on a CPU; on a GPU enough to keep it busy (cores - 1, at most 16)
     threshold: float | None = None
     engine: str = "auto"  # auto: ONNX Runtime on CPU, PyTorch on GPU; or "torch" / "onnx"
+    resize_on_device: bool | None = None  # None: on a GPU (PyTorch engine only; see defer_resize)
     model: object = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -158,9 +159,11 @@ class Predictor:
 
     @property
     def defer_resize(self) -> bool:
-        """On a GPU the resize is left to it too (:func:`stack_uint8`): it is most of a loader
-        worker's time, and the loader is what limits prediction there."""
-        return self.device_normalize and self.on_gpu
+        """Whether the model's device also does the resize (:func:`stack_uint8`; same pixels).
+        By default on a GPU: the resize is most of a loader worker's time, and the loader is
+        what limits prediction there; on a CPU OpenCV does it faster than PyTorch."""
+        on = self.on_gpu if self.resize_on_device is None else self.resize_on_device
+        return self.device_normalize and on
 
     @torch.inference_mode()
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:

@@ -43,3 +43,14 @@ def test_bench_run_measures_every_row_and_writes_json_and_table(tmp_path):
     table = out.with_suffix(".md").read_text()
     assert "predict, JPEG -> CSV" in table and "decode only (resize left to the GPU)" in table
     assert "device_resize" not in r  # the GPU check runs only on a GPU
+
+
+def test_bench_loader_rates_every_way_of_shipping(tmp_path):
+    out = tmp_path / "loader.json"
+    res = run_cli("bench/loader.py", "--images", "24", "--batch", "8", "--workers", "0", "1", "--out", str(out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert r["images"] == 24 and r["batch"] == 8 and r["image_size"] == 224
+    assert set(r["images_per_s"]) == {"float32", "uint8", "deferred"}
+    assert all(v > 0 for way in r["images_per_s"].values() for v in way.values())
+    assert "| deferred |" in out.with_suffix(".md").read_text()

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from conftest import SAMPLE, run_cli
-from crack_lightning.transforms import eval_transform
 
 
 @pytest.fixture
@@ -91,20 +90,21 @@ def test_negative_batch_size_is_a_user_error(trained_run, tmp_path):
     assert res.returncode == 2 and "--batch-size must be >= 1" in res.stderr and "Traceback" not in res.stderr
 
 
-def test_gpu_style_batches_resized_on_the_device_give_the_same_probabilities():
+def test_resize_on_the_device_gives_the_same_probabilities():
     """What a GPU run does (227 px uint8 batches, area-resized and normalised by the model) gives
-    the released model exactly the probabilities of the worker-resized path, on real photos."""
-    from crack_lightning.predict import Predictor, _Batches, _Files
+    the released model exactly the probabilities of the worker-resized path, end to end on real
+    photos; ONNX Runtime on normalised floats agrees to float precision."""
+    from crack_lightning.predict import Predictor
 
-    predictor = Predictor(engine="torch", batch_size=8, num_workers=0)
-    files = sorted(SAMPLE.rglob("*.jpg"))[::20]
-    raw = _Files(files, None)
-    resized = _Files(files, eval_transform(predictor.pre, normalize=False))
-    x_dev, idx, errors = _Batches(predictor.pre, uint8=True, defer_resize=True)([raw[i] for i in range(len(files))])
-    x_cpu, _, _ = _Batches(predictor.pre, uint8=True, defer_resize=False)([resized[i] for i in range(len(files))])
-    assert x_dev.shape[1:] == (227, 227, 3) and x_cpu.shape[1:] == (224, 224, 3) and not errors
-    assert torch.equal(predictor.probabilities(x_dev), predictor.probabilities(x_cpu))
-    onnx = Predictor(batch_size=8, num_workers=0)  # the CPU default (ONNX Runtime on normalised floats)
-    floats, _, _ = _Batches(onnx.pre, uint8=False, defer_resize=False)(
-        [_Files(files, eval_transform(onnx.pre))[i] for i in range(len(files))])
-    assert torch.allclose(onnx.probabilities(floats), predictor.probabilities(x_dev), atol=1e-4)
+    files = sorted(SAMPLE.rglob("*.jpg"))[::10]
+    device = Predictor(engine="torch", batch_size=8, num_workers=0, resize_on_device=True)
+    worker = Predictor(engine="torch", batch_size=8, num_workers=0)
+    assert device.defer_resize and not worker.defer_resize  # a CPU resizes in the worker by default
+    x, idx, errors = next(iter(device.loader(files)))
+    assert x.dtype == torch.uint8 and x.shape == (8, 227, 227, 3) and idx == list(range(8)) and not errors
+    assert next(iter(worker.loader(files)))[0].shape == (8, 224, 224, 3)
+    p_device = [r.probability for r in device.iter_rows(files, progress=False)]
+    p_worker = [r.probability for r in worker.iter_rows(files, progress=False)]
+    assert len(p_device) == len(files) and p_device == p_worker
+    p_onnx = [r.probability for r in Predictor(batch_size=8, num_workers=0).iter_rows(files, progress=False)]
+    assert max(abs(a - b) for a, b in zip(p_onnx, p_device)) < 1e-4

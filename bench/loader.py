@@ -1,0 +1,74 @@
+#!/usr/bin/env python
+"""How fast predict.py's loader can feed a model, with no model: what each way of shipping
+the batches costs the decode workers.
+
+    python bench/loader.py --data ../shared/data/mendeley --images 4096 --workers 1 2
+
+Three ways, same files, same batch size, each after one warm-up pass:
+  float32   normalised floats, resized in the worker (the ONNX Runtime path on a CPU)
+  uint8     uint8 at the model's size, resized in the worker (PyTorch engine on a CPU)
+  deferred  uint8 at the files' own size; the model's device resizes (PyTorch engine on a GPU)
+Writes bench/loader.json and bench/loader.md. Nothing is asserted.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from crack_lightning.io import write_results  # noqa: E402
+from crack_lightning.predict import Predictor, collect_inputs  # noqa: E402
+
+WAYS = {  # name: (Predictor engine, resize_on_device)
+    "float32": ("onnx", False),
+    "uint8": ("torch", False),
+    "deferred": ("torch", True),
+}
+
+
+def rate(predictor: Predictor, files: list[Path]) -> float:
+    """Images per second over one pass of the loader (workers started inside the timing)."""
+    sum(len(idx) for _, idx, _ in predictor.loader(files[: predictor.batch_size * 2]))  # warm-up: page cache
+    t0 = time.perf_counter()
+    n = sum(len(idx) for _, idx, _ in predictor.loader(files))
+    return round(n / (time.perf_counter() - t0), 1)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default="data/sample", help="folder of images (searched recursively)")
+    ap.add_argument("--checkpoint", default="models/crack_lite0.pt")
+    ap.add_argument("--images", type=int, default=4096, help="every k-th file so that this many are read")
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--out", default="bench/loader.json")
+    args = ap.parse_args()
+
+    files = collect_inputs([args.data])
+    files = files[:: max(1, len(files) // args.images)][: args.images]
+    rows = {}
+    for way, (engine, on_device) in WAYS.items():
+        predictor = Predictor(args.checkpoint, engine=engine, batch_size=args.batch, resize_on_device=on_device)
+        rows[way] = {}
+        for w in args.workers:
+            predictor.num_workers = w
+            rows[way][str(w)] = rate(predictor, files)
+            print(f"{way:9s} {w} worker(s): {rows[way][str(w)]} img/s", flush=True)
+    results = {"hardware": {"machine": platform.machine(), "cpu_count": os.cpu_count()}, "data": args.data,
+               "images": len(files), "batch": args.batch, "image_size": predictor.pre.size,
+               "images_per_s": rows}
+    head = " | ".join(f"{w} worker(s)" for w in args.workers)
+    md = [f"predict.py's loader with no model: {len(files)} images from {args.data}, batch {args.batch}, "
+          f"{platform.machine()} {os.cpu_count()} cores\n", f"| loader ships | {head} |",
+          "|---" * (len(args.workers) + 1) + "|"]
+    md += [f"| {way} | " + " | ".join(str(rows[way][str(w)]) for w in args.workers) + " |" for way in rows]
+    write_results(args.out, results, "\n".join(md) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
