@@ -85,3 +85,40 @@ def test_augmented_feature_views_multiply_training_set(tmp_path):
     assert last["global_step"] == 2 * 3
     metrics = json.loads((tmp_path / "runs/views/metrics.json").read_text())
     assert metrics["after"]["test"]["n"] == 4
+
+
+def test_gpu_loaders_drive_training_and_feature_caching(tmp_path):
+    """What a GPU run feeds the model (uint8 (B,H,W,3), eval resize left to the model) goes
+    through the real Lightning fit/test and the feature cache, here on the CPU; the cached
+    features equal those of the CPU loaders."""
+    import lightning as L
+
+    from crack_lightning.config import DataConfig
+    from crack_lightning.data import CrackDataModule, scan, split_records
+    from crack_lightning.model import CrackClassifier
+    from crack_lightning.training import compute_features, feature_extractor
+
+    records = split_records(scan(make_folder(tmp_path / "d", n_per_class=8), ("Negative", "Positive"))[0],
+                            0.25, 0.25, 0)
+    torch.manual_seed(0)
+    model = CrackClassifier(pretrained="none", image_size=48)
+    cfg = DataConfig(batch_size=4, num_workers=0)
+    gpu_dm = CrackDataModule(cfg, records, model.pre, device_normalize=True, defer_resize=True)
+    cpu_dm = CrackDataModule(cfg, records, model.pre)
+    assert next(iter(gpu_dm.val_dataloader()))[0].shape == (4, 64, 64, 3)  # files travel at 64 px
+    assert next(iter(gpu_dm.train_dataloader()))[0].shape == (4, 48, 48, 3)  # augmented to 48 in the worker
+    extract = feature_extractor(model, "torch", "cpu")
+    on_gpu_path = compute_features(extract, gpu_dm.eval_loader("val"), "val")
+    on_cpu_path = compute_features(extract, cpu_dm.eval_loader("val"), "val")
+    assert torch.allclose(on_gpu_path.features, on_cpu_path.features, atol=1e-5)
+    assert torch.equal(on_gpu_path.labels, on_cpu_path.labels)
+    before = model.head[1].weight.detach().clone()
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, gpu_dm)
+    assert not torch.equal(before, model.head[1].weight)
+    trainer.test(model, gpu_dm, verbose=False)
+    on_gpu_path = model.last_results["test"]
+    trainer.test(model, cpu_dm, verbose=False)
+    assert sorted(on_gpu_path["index"].tolist()) == list(range(len(gpu_dm.split("test"))))
+    assert torch.allclose(on_gpu_path["probs"], model.last_results["test"]["probs"], atol=1e-5)
