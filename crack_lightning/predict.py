@@ -166,14 +166,18 @@ class Predictor:
         return self.device_normalize and on
 
     @torch.inference_mode()
-    def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
-        """Crack probabilities for a batch of normalised floats (:func:`eval_transform`) or,
-        for the PyTorch engine, uint8 ``(B,H,W,3)`` (:func:`stack_uint8`)."""
+    def _launch(self, batch: torch.Tensor) -> torch.Tensor:
+        """Start the model on a batch; the probabilities stay on its device, not waited for."""
         if self._run is not None:
             return self._run(batch)
         if not isinstance(self.model, torch.nn.Module):
             return self.model(batch)
-        return self.model.predict_proba(batch.to(self.device, non_blocking=True)).cpu()
+        return self.model.predict_proba(batch.to(self.device, non_blocking=True))
+
+    def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
+        """Crack probabilities for a batch of normalised floats (:func:`eval_transform`) or,
+        for the PyTorch engine, uint8 ``(B,H,W,3)`` (:func:`stack_uint8`)."""
+        return self._launch(batch).cpu()
 
     def loader(self, paths: Sequence[Path]) -> DataLoader:
         """Batches ``(images, indices, [(index, reason)])`` of ``paths``, in order, ready for
@@ -184,14 +188,22 @@ class Predictor:
                            pin_memory=self.on_gpu, prefetch_factor=4)
 
     def iter_rows(self, paths: Sequence[Path], progress: bool = True) -> Iterator[Row]:
+        """One row per path, in order. One batch stays in flight: a GPU computes it while
+        the next one is fetched, instead of idling until the host has written its rows."""
+        pending = None
         for x, idx, errors in tqdm(self.loader(paths), desc="predicting", unit="batch", disable=not progress):
-            rows: list[tuple[int, Row]] = []
-            if x is not None:
-                for i, p in zip(idx, self.probabilities(x).tolist()):
-                    rows.append((i, self._row(paths[i], p)))
-            rows += [(i, self._row(paths[i], None, err)) for i, err in errors]
-            for _, row in sorted(rows, key=lambda t: t[0]):
-                yield row
+            launched = (None if x is None else self._launch(x), idx, errors)
+            if pending is not None:
+                yield from self._batch_rows(paths, *pending)
+            pending = launched
+        if pending is not None:
+            yield from self._batch_rows(paths, *pending)
+
+    def _batch_rows(self, paths: Sequence[Path], probs: torch.Tensor | None, idx: list[int],
+                    errors: list[tuple[int, str]]) -> list[Row]:
+        rows = [] if probs is None else [(i, self._row(paths[i], p)) for i, p in zip(idx, probs.cpu().tolist())]
+        rows += [(i, self._row(paths[i], None, err)) for i, err in errors]
+        return [row for _, row in sorted(rows, key=lambda t: t[0])]
 
     def _row(self, path: Path, prob: float | None, error: str = "") -> Row:
         truth = label_from_path(path, self.class_names)

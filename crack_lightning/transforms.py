@@ -48,9 +48,8 @@ class Preprocessing:
         :func:`eval_transform`'s last step, tested equal. ``x`` may be a
         channels_last view (what :meth:`model_input` makes); the result keeps it.
         """
-        mean = torch.tensor(self.mean, device=x.device, dtype=torch.float32).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=x.device, dtype=torch.float32).view(1, 3, 1, 1)
-        return (x.float() / 255.0 - mean) / std
+        mean, std = _on_device((self.mean, self.std), x.device)
+        return (x.float() / 255.0 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
 
     def model_input(self, x: torch.Tensor) -> torch.Tensor:
         """What a backbone takes, on ``x``'s device: normalised floats ``(B,3,S,S)`` pass as they are;
@@ -68,6 +67,14 @@ class Preprocessing:
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocessing":
         return cls(size=int(d["size"]), mean=tuple(d["mean"]), std=tuple(d["std"]))
+
+
+@lru_cache(maxsize=64)
+def _on_device(values: tuple, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Small constant tensors, copied to ``device`` once: a fresh host-to-GPU copy per batch
+    would make the host wait for the GPU and stall the prediction pipeline."""
+    return tuple((v if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=torch.float32)).to(device)
+                 for v in values)
 
 
 def _finish(pre: Preprocessing, normalize: bool = True) -> list:
@@ -165,8 +172,7 @@ def area_resize_exact(height: int, width: int, size: int) -> bool:
 
 
 def _area_axis(x: torch.Tensor, dim: int, dst: int) -> torch.Tensor:
-    index, weight = _area_taps(x.shape[dim], dst)
-    index, weight = index.to(x.device), weight.to(x.device)
+    index, weight = _on_device(_area_taps(x.shape[dim], dst), x.device)
     shape = [1] * x.ndim
     shape[dim] = dst
     out = None

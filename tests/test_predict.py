@@ -90,7 +90,7 @@ def test_negative_batch_size_is_a_user_error(trained_run, tmp_path):
     assert res.returncode == 2 and "--batch-size must be >= 1" in res.stderr and "Traceback" not in res.stderr
 
 
-def test_resize_on_the_device_gives_the_same_probabilities():
+def test_resize_on_the_device_gives_the_same_probabilities(tmp_path):
     """What a GPU run does (227 px uint8 batches, area-resized and normalised by the model) gives
     the released model exactly the probabilities of the worker-resized path, end to end on real
     photos; ONNX Runtime on normalised floats agrees to float precision."""
@@ -103,7 +103,12 @@ def test_resize_on_the_device_gives_the_same_probabilities():
     x, idx, errors = next(iter(device.loader(files)))
     assert x.dtype == torch.uint8 and x.shape == (8, 227, 227, 3) and idx == list(range(8)) and not errors
     assert next(iter(worker.loader(files)))[0].shape == (8, 224, 224, 3)
-    p_device = [r.probability for r in device.iter_rows(files, progress=False)]
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff not really")
+    with_bad = files[:9] + [broken] + files[9:]  # 21 paths: batches of 8, 8, 5, one kept in flight
+    rows = list(device.iter_rows(with_bad, progress=False))
+    assert [r.path for r in rows] == [str(f) for f in with_bad] and rows[9].error and rows[9].probability is None
+    p_device = [r.probability for r in rows[:9] + rows[10:]]
     p_worker = [r.probability for r in worker.iter_rows(files, progress=False)]
     assert len(p_device) == len(files) and p_device == p_worker
     p_onnx = [r.probability for r in Predictor(batch_size=8, num_workers=0).iter_rows(files, progress=False)]
