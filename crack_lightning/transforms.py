@@ -130,8 +130,8 @@ def train_transform(pre: Preprocessing, level: str = "light", normalize: bool = 
 
 
 # ---- the resize on the model's device -------------------------------------------------------
-# OpenCV's INTER_AREA is ~60% of a loader worker's time per Mendeley image (0.40 of 0.65 ms:
-# a 227 -> 224 area resize costs more than the JPEG decode). On a GPU host the loader, not the
+# OpenCV's 227 -> 224 INTER_AREA costs a loader worker more than the JPEG decode (~0.4 ms
+# against ~0.25 ms per Mendeley image on this project's CPU). On a GPU host the loader, not the
 # GPU, limits prediction, so :func:`stack_uint8` can ship images at their own size and
 # :func:`area_resize` repeats OpenCV's arithmetic there, bit for bit (tested against cv2).
 
