@@ -23,8 +23,9 @@ class CrackClassifier(L.LightningModule):
 
     ``freeze_backbone(True)`` gives the seed's transfer-learning recipe (only the
     head learns, backbone BatchNorm statistics stay ImageNet's); ``False`` the
-    fine-tuning stage. Batches may hold images ``(B,3,H,W)`` (normalised
-    float, or uint8 that the module normalises on its own device) or
+    fine-tuning stage. Batches may hold images (normalised float ``(B,3,S,S)``,
+    or uint8 ``(B,H,W,3)`` that the module resizes and normalises on its own
+    device: :meth:`Preprocessing.model_input`) or
     pre-computed features ``(B,C)`` (the cached-feature frozen stage).
     """
 
@@ -69,7 +70,7 @@ class CrackClassifier(L.LightningModule):
         return self
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled backbone features of images: normalised floats, or uint8 (normalised here, on x's device)."""
+        """Pooled backbone features of images: normalised floats, or uint8 (finished here, on x's device)."""
         x = self.pre.model_input(x)
         if x.is_cuda:  # channels_last is the fast layout for convolutions on tensor cores
             x = x.contiguous(memory_format=torch.channels_last)
@@ -80,7 +81,7 @@ class CrackClassifier(L.LightningModule):
             self.backbone.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B,)`` from images ``(B,3,H,W)`` or features ``(B,C)``."""
+        """Logits ``(B,)`` from images (see the class docstring) or features ``(B,C)``."""
         feats = self.features(x) if x.ndim == 4 else x
         return self.head(feats).squeeze(1)
 
