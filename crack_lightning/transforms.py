@@ -197,12 +197,15 @@ def stack_uint8(images: Sequence[np.ndarray], pre: Preprocessing, defer_resize: 
     """One ``(B,H,W,3)`` uint8 batch of HWC images for :meth:`Preprocessing.model_input`.
 
     Images not yet ``S x S`` are resized here by :func:`resize_op`, unless ``defer_resize``
-    and they all share one size :func:`area_resize` handles exactly: then they travel as
-    they are and the model's device resizes them (same pixels, less loader work). In a
-    loader worker the batch lands in shared memory (``default_collate``): no extra copy.
+    and they all share one size that :func:`area_resize` handles exactly and that is at
+    most twice the model's pixels (a folder of camera photos must not travel, nor reach
+    the GPU as float32, at full size): then they travel as they are and the model's device
+    resizes them (same pixels, less loader work). In a loader worker the batch lands in
+    shared memory (``default_collate``): no extra copy.
     """
-    same = len({im.shape for im in images}) == 1
-    if not (defer_resize and same and area_resize_exact(*images[0].shape[:2], pre.size)):
+    h, w = images[0].shape[:2]
+    defer = defer_resize and len({im.shape for im in images}) == 1 and h * w <= 2 * pre.size ** 2
+    if not (defer and area_resize_exact(h, w, pre.size)):
         resize = resize_op(pre)
         images = [im if im.shape[:2] == (pre.size, pre.size) else resize(image=im)["image"] for im in images]
     return default_collate([torch.from_numpy(np.ascontiguousarray(im)) for im in images])

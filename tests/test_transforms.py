@@ -99,3 +99,7 @@ def test_stack_uint8_defers_the_resize_only_when_the_device_can_repeat_it():
     assert stack_uint8(mixed, pre, defer_resize=True).shape == (3, 224, 224, 3)  # sizes differ: resized here
     integer = [rng.integers(0, 256, (448, 448, 3), dtype=np.uint8)]
     assert stack_uint8(integer, pre, defer_resize=True).shape == (1, 224, 224, 3)
+    photos = [rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)] * 2  # > 2x the model's pixels: not shipped whole
+    assert stack_uint8(photos, pre, defer_resize=True).shape == (2, 224, 224, 3)
+    near = [rng.integers(0, 256, (300, 330, 3), dtype=np.uint8)] * 2  # 99,000 px <= 2 x 224^2: deferred
+    assert stack_uint8(near, pre, defer_resize=True).shape == (2, 300, 330, 3)
