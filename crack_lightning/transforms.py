@@ -138,8 +138,9 @@ def train_transform(pre: Preprocessing, level: str = "light", normalize: bool = 
 
 @lru_cache(maxsize=32)
 def _area_taps(src: int, dst: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """OpenCV's ``computeResizeAreaTab`` for one axis: ``(dst, K)`` source indices and float32
-    weights, in OpenCV's order (unused taps: weight 0 on index 0)."""
+    """OpenCV's ``computeResizeAreaTab`` for one axis: ``(K, dst)`` source indices and float32
+    weights, tap ``j`` of every output in row ``j``, in OpenCV's order (unused taps: weight 0
+    on index 0)."""
     scale = src / dst
     taps: list[list[tuple[int, float]]] = []
     for d in range(dst):
@@ -154,11 +155,11 @@ def _area_taps(src: int, dst: int) -> tuple[torch.Tensor, torch.Tensor]:
             t.append((s2, min(min(f2 - s2, 1.0), cell) / cell))
         taps.append(t)
     k = max(len(t) for t in taps)
-    index = torch.zeros(dst, k, dtype=torch.long)
-    weight = torch.zeros(dst, k, dtype=torch.float32)  # OpenCV rounds the double weights to float
+    index = torch.zeros(k, dst, dtype=torch.long)
+    weight = torch.zeros(k, dst, dtype=torch.float32)  # OpenCV rounds the double weights to float
     for d, t in enumerate(taps):
         for j, (s, w) in enumerate(t):
-            index[d, j], weight[d, j] = s, w
+            index[j, d], weight[j, d] = s, w
     return index, weight
 
 
@@ -176,8 +177,8 @@ def _area_axis(x: torch.Tensor, dim: int, dst: int) -> torch.Tensor:
     shape = [1] * x.ndim
     shape[dim] = dst
     out = None
-    for j in range(index.shape[1]):  # one tap at a time, product then sum: OpenCV's float order, no FMA
-        term = x.index_select(dim, index[:, j]) * weight[:, j].view(shape)
+    for j in range(len(index)):  # one tap at a time, product then sum: OpenCV's float order, no FMA
+        term = x.index_select(dim, index[j]) * weight[j].view(shape)
         out = term if out is None else out + term
     return out
 
