@@ -51,6 +51,8 @@ def test_bench_loader_rates_every_way_of_shipping(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     r = json.loads(out.read_text())
     assert r["images"] == 24 and r["batch"] == 8 and r["image_size"] == 224
-    assert set(r["images_per_s"]) == {"float32", "uint8", "deferred"}
-    assert all(v > 0 for way in r["images_per_s"].values() for v in way.values())
+    assert set(r["rates"]) == {"float32", "uint8", "deferred"}
+    for way in r["rates"].values():
+        assert set(way) == {"0", "1"}
+        assert all(v["images_per_s"] > 0 and v["main_process_cpu_us_per_image"] > 0 for v in way.values())
     assert "| deferred |" in out.with_suffix(".md").read_text()
