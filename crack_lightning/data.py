@@ -199,7 +199,7 @@ def subsample(records: list[Record], max_per_class: int, seed: int) -> list[Reco
 
 class ImageDataset(Dataset):
     """``(image, label, index)`` for a list of records; ``transform=None`` gives the decoded
-    HWC array (for :class:`Uint8Batches` with ``defer_resize``)."""
+    HWC array (for :class:`Uint8Batches`, which resizes it)."""
 
     def __init__(self, records: Sequence[Record], transform: Callable | None):
         self.records = list(records)
@@ -291,7 +291,7 @@ class CrackDataModule(L.LightningDataModule):
         norm = not self.device_normalize
         if augment:
             return train_transform(self.pre, self.cfg.augment, norm)
-        return None if self.defer_resize else eval_transform(self.pre, norm)
+        return None if self.device_normalize else eval_transform(self.pre)  # uint8: Uint8Batches resizes
 
     def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
         images = not isinstance(ds, TensorItems)

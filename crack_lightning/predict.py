@@ -182,7 +182,7 @@ class Predictor:
     def loader(self, paths: Sequence[Path]) -> DataLoader:
         """Batches ``(images, indices, [(index, reason)])`` of ``paths``, in order, ready for
         :meth:`probabilities`."""
-        transform = None if self.defer_resize else eval_transform(self.pre, normalize=not self.device_normalize)
+        transform = None if self.device_normalize else eval_transform(self.pre)  # uint8: _Batches resizes
         return make_loader(_Files(paths, transform), self.batch_size, self.num_workers,
                            collate_fn=_Batches(self.pre, self.device_normalize, self.defer_resize),
                            pin_memory=self.on_gpu, prefetch_factor=4)
