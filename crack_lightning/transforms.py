@@ -71,10 +71,9 @@ class Preprocessing:
 
 @lru_cache(maxsize=64)
 def _on_device(values: tuple, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Small constant tensors, copied to ``device`` once: a fresh host-to-GPU copy per batch
+    """Small float32 constants, copied to ``device`` once: a fresh host-to-GPU copy per batch
     would make the host wait for the GPU and stall the prediction pipeline."""
-    return tuple((v if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=torch.float32)).to(device)
-                 for v in values)
+    return tuple(torch.tensor(v, dtype=torch.float32, device=device) for v in values)
 
 
 def _finish(pre: Preprocessing, normalize: bool = True) -> list:
@@ -136,11 +135,11 @@ def train_transform(pre: Preprocessing, level: str = "light", normalize: bool = 
 # :func:`area_resize` repeats OpenCV's arithmetic there, bit for bit (tested against cv2).
 
 
-@lru_cache(maxsize=32)
-def _area_taps(src: int, dst: int) -> tuple[torch.Tensor, torch.Tensor]:
+@lru_cache(maxsize=64)
+def _area_taps(src: int, dst: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """OpenCV's ``computeResizeAreaTab`` for one axis: ``(K, dst)`` source indices and float32
     weights, tap ``j`` of every output in row ``j``, in OpenCV's order (unused taps: weight 0
-    on index 0)."""
+    on index 0). Built once per device, like :func:`_on_device`."""
     scale = src / dst
     taps: list[list[tuple[int, float]]] = []
     for d in range(dst):
@@ -160,7 +159,7 @@ def _area_taps(src: int, dst: int) -> tuple[torch.Tensor, torch.Tensor]:
     for d, t in enumerate(taps):
         for j, (s, w) in enumerate(t):
             index[j, d], weight[j, d] = s, w
-    return index, weight
+    return index.to(device), weight.to(device)
 
 
 def area_resize_exact(height: int, width: int, size: int) -> bool:
@@ -173,7 +172,7 @@ def area_resize_exact(height: int, width: int, size: int) -> bool:
 
 
 def _area_axis(x: torch.Tensor, dim: int, dst: int) -> torch.Tensor:
-    index, weight = _on_device(_area_taps(x.shape[dim], dst), x.device)
+    index, weight = _area_taps(x.shape[dim], dst, x.device)
     shape = [1] * x.ndim
     shape[dim] = dst
     out = None
