@@ -28,7 +28,8 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from crack_lightning.checkpoint import load_model  # noqa: E402
-from crack_lightning.data import ImageDataset, Record, Uint8Batches, list_images, make_loader  # noqa: E402
+from crack_lightning.config import DataConfig  # noqa: E402
+from crack_lightning.data import CrackDataModule, Record, list_images  # noqa: E402
 from crack_lightning.images import decode_image  # noqa: E402
 from crack_lightning.io import write_results  # noqa: E402
 from crack_lightning.predict import Predictor, label_from_path, write_rows  # noqa: E402
@@ -217,8 +218,8 @@ def train_steps(model, loader, steps: int, frozen: bool, channels_last: bool,
 
 
 def records(files: list[Path]) -> list[Record]:
-    """Labelled records for the project's own ImageDataset (label from the class folder)."""
-    return [Record(str(f), label_from_path(f, CLASSES), "") for f in files]
+    """Labelled training records for the project's own loaders (label from the class folder)."""
+    return [Record(str(f), label_from_path(f, CLASSES), "", "train") for f in files]
 
 
 class PlainLabelled(PlainFiles):
@@ -232,7 +233,6 @@ def bench_training(files: list[Path], checkpoint: Path, workers: int, steps: int
     gpu = device.type == "cuda"
     model = load_model(checkpoint).to(device)
     pre = model.pre
-    opts = dict(pin_memory=gpu, persistent_workers=True)
     plain_loader = DataLoader(PlainLabelled(files, pre), batch_size=batch, num_workers=workers, shuffle=True,
                               pin_memory=gpu, persistent_workers=workers > 0)
     out = {"image_size": pre.size, "batch": batch, "decode_workers": workers, "device": str(device)}
@@ -243,9 +243,9 @@ def bench_training(files: list[Path], checkpoint: Path, workers: int, steps: int
     plain_frozen = 1 / train_steps(model, plain_loader, steps, frozen=True, channels_last=gpu, device=device)
     # frozen stage, ours: backbone once (ONNX Runtime on a CPU, bf16 on a GPU), then the head on stored features
     extract = feature_extractor(model, "auto", device)
-    uint8 = dict(collate_fn=Uint8Batches(pre, defer_resize=True)) if gpu else {}  # as training does on a GPU
-    ev = make_loader(ImageDataset(records(files), None if gpu else eval_transform(pre)), batch, workers, **opts,
-                     **uint8)
+    dm = CrackDataModule(DataConfig(batch_size=batch, num_workers=workers), records(files), pre,
+                         device_normalize=gpu, defer_resize=gpu)  # the loaders train() builds on this device
+    ev = dm.eval_loader("train")
     t0 = time.perf_counter()
     cached = compute_features(extract, ev, "bench")
     feat_s = (time.perf_counter() - t0) / len(files)
@@ -280,8 +280,7 @@ def bench_training(files: list[Path], checkpoint: Path, workers: int, steps: int
         model = model.to(memory_format=torch.channels_last)
     plain_ft = 1 / train_steps(model, plain_loader, steps, frozen=False, channels_last=gpu, device=device)
     model = model.to(memory_format=torch.channels_last)
-    ours_loader = make_loader(ImageDataset(records(files), train_transform(pre, "light", normalize=not gpu)),
-                              batch, workers, shuffle=True, **opts, **uint8)
+    ours_loader = dm.train_dataloader()
     ours_ft = 1 / train_steps(model, ours_loader, steps, frozen=False, channels_last=True, device=device)
     out["finetune"] = {"plain_baseline_images_per_s": round(plain_ft, 1), "ours_images_per_s": round(ours_ft, 1),
                        "speedup": round(ours_ft / plain_ft, 2), "steps": steps}
