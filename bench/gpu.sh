@@ -4,9 +4,11 @@
 #   2. the robust recipe (configs/robust_gpu.yaml), full fine-tuning, for bench/robustness.py
 #   3. bench/run.py --device cuda: data pipeline, prediction from JPEG files (ours vs plain), training throughput
 #   4. a second robust variant (lower fine-tuning learning rate), if the time budget allows
+#   5. bench/compile.py --device cuda: does torch.compile pay (model alone, eager vs compiled)
 # usage: bench/gpu.sh DATA_ROOT OUT_DIR [SECONDS_BUDGET] [STEPS]
-#   STEPS: which of "gpu bench robust robust_lr1e-4" to run, in that order (default "gpu bench":
-#   the speed figures; the robust runs produced the released model and need not be repeated)
+#   STEPS: which of "gpu bench robust robust_lr1e-4 compile" to run, in that order (default
+#   "gpu bench compile": the speed figures; the robust runs produced the released model and
+#   need not be repeated)
 #
 # On this workplace's lent GPU (nothing reachable from it; 64 MiB carried per call):
 #   here:  python bench/pack_data.py ../shared/data/mendeley .pack     (5 parts; .pack/ is git-ignored)
@@ -20,7 +22,7 @@ set -u
 DATA=${1:?data root with Positive/ and Negative/}
 OUT=${2:?output folder}
 BUDGET=${3:-480}
-STEPS=" ${4:-gpu bench} "
+STEPS=" ${4:-gpu bench compile} "
 START=$SECONDS
 want() { [[ "$STEPS" == *" $1 "* ]]; }
 export PYTHONUNBUFFERED=1
@@ -53,3 +55,11 @@ for variant in "robust" "BENCH" "robust_lr1e-4 --train.finetune.lr 0.0001"; do
         --output_dir "$OUT/runs" --run_name "$name" --trainer.enable_progress_bar false "$@" > "$OUT/train_$name.log" 2>&1
     echo "train $name rc=$? at $((SECONDS - START)) s"; tail -3 "$OUT/train_$name.log"
 done
+
+if want compile; then
+    if [ "$(left)" -lt 60 ]; then echo "skip compile: $(left) s left"; else
+        # writes its JSON after each pair of rows: a time limit keeps what was measured
+        timeout "$(upto 150)" python3 bench/compile.py --device cuda --out "$OUT/compile_gpu.json" > "$OUT/compile_gpu.log" 2>&1
+        echo "compile rc=$? at $((SECONDS - START)) s"; tail -8 "$OUT/compile_gpu.log"
+    fi
+fi

@@ -56,3 +56,19 @@ def test_bench_loader_rates_every_way_of_shipping(tmp_path):
         assert set(way) == {"0", "1"}
         assert all(v["images_per_s"] > 0 and v["main_process_cpu_us_per_image"] > 0 for v in way.values())
     assert "| deferred |" in out.with_suffix(".md").read_text()
+
+
+def test_bench_compile_compares_eager_compiled_and_onnxruntime(tmp_path):
+    """Inference rows only (compiling the training step costs CI a minute more): every row
+    measured, the speed-up and pay-back derived from the measured rates."""
+    out = tmp_path / "compile.json"
+    res = run_cli("bench/compile.py", "--batch", "2", "--steps", "1", "--rows", "inference", "--out", str(out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert r["device"] == "cpu" and r["batch"] == 2 and r["image_size"] == 224 and r["precision"] == "fp32"
+    assert set(r["rows"]) == {"inference, eager", "inference, compiled", "inference, onnxruntime"}
+    assert all(row["images_per_s"] > 0 and row["first_call_s"] >= 0 for row in r["rows"].values())
+    eager, compiled = r["rows"]["inference, eager"], r["rows"]["inference, compiled"]
+    assert abs(compiled["speedup_vs_eager"] - compiled["images_per_s"] / eager["images_per_s"]) < 0.01
+    assert (compiled["break_even_images"] is None) == (compiled["images_per_s"] <= eager["images_per_s"])
+    assert "| inference, compiled |" in out.with_suffix(".md").read_text()
