@@ -113,6 +113,9 @@ def table(results: dict) -> str:
           "| row | img/s | first call, s | new batch shape, s | vs eager | pays back after (images) |",
           "|---|---|---|---|---|---|"]
     for name, r in results["rows"].items():
+        if "error" in r:
+            md.append(f"| {name} | failed: {r['error']} | | | | |")
+            continue
         md.append(f"| {name} | {r['images_per_s']} | {r['first_call_s']} | {r['new_batch_shape_s']} | "
                   f"{r.get('speedup_vs_eager', '')} | {pays_back(r)} |")
     return "\n".join(md) + "\n"
@@ -159,9 +162,13 @@ def main() -> int:
             net = fresh_net(Path(args.checkpoint), device, train=kind == "training")
             if how == "compiled":
                 net = torch.compile(net, mode=args.mode)
-            rows[f"{kind}, {how}"] = measure(make(net, device), x, partial, steps, device)
+            try:
+                rows[f"{kind}, {how}"] = measure(make(net, device), x, partial, steps, device)
+            except Exception as exc:  # e.g. no working compiler/Triton: a finding, not a crash of the run
+                rows[f"{kind}, {how}"] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
             print(f"{kind:9s} {how:8s} {rows[f'{kind}, {how}']}", flush=True)
-        compare(rows[f"{kind}, eager"], rows[f"{kind}, compiled"])
+        if "error" not in rows[f"{kind}, compiled"]:
+            compare(rows[f"{kind}, eager"], rows[f"{kind}, compiled"])
         if kind == "inference" and not gpu:
             run = onnx_runner(fresh_net(Path(args.checkpoint), device, train=False), size)
             rows["inference, onnxruntime"] = measure(run, x.contiguous(), partial.contiguous(), steps, device)
