@@ -78,7 +78,7 @@ def save_release(model: CrackClassifier, path: str | Path, metrics: dict | None 
     sd = {k: (v.half() if half and v.is_floating_point() and k != "threshold" else v).detach().cpu().clone()
           for k, v in model.state_dict().items()}
     hp = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(model.hparams).items()}
-    hp["pretrained"] = "none"
+    hp.update(pretrained="none", weights_file=None)  # the file holds every weight: loading needs neither
     obj = {
         "format": RELEASE_FORMAT,
         "hyper_parameters": hp,

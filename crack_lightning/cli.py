@@ -33,7 +33,8 @@ def guarded(main: Callable[[], int]) -> int:
         print(f"error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: the last completed epoch is kept; re-run with --resume to continue", file=sys.stderr)
+        print("interrupted: a run that finished an epoch keeps its checkpoints (continue with the same command "
+              "plus --resume --run_name NAME); one that had not is removed", file=sys.stderr)
         return 130
 
 
@@ -76,7 +77,9 @@ def train_main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     result = train(cfg, resume=resume)
     test = result["after"].get("test")
-    if test:
+    from .training import is_global_zero
+
+    if test and is_global_zero():  # under DDP every process returns here: one line for the user
         print(f"test accuracy {test['acc']:.4f}  F1 {test['f1']:.4f}  (before training: "
               f"{result['before']['test']['acc']:.4f})  -> {result['run_dir']}")
     return 0

@@ -236,12 +236,37 @@ def load_yaml(path: str | Path) -> dict:
     return values
 
 
-def _set_dotted(values: dict, dotted: str, raw: str) -> None:
-    """Apply ``--a.b.c VALUE``; the value is parsed as YAML (so ``3``, ``true``, ``[a, b]`` work)."""
+def _annotation(dotted: str) -> Any:
+    """The type annotation of a dotted key (``None`` when there is no such key)."""
+    tp: Any = Config
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(tp):
+            return None
+        tp = typing.get_type_hints(tp).get(part)
+    return tp
+
+
+def _parse_value(dotted: str, raw: str) -> Any:
+    """A command-line value, read for the key's type: text for a text key (``--run_name off`` is
+    the name "off", not YAML's false), ``a,b`` or ``[a, b]`` for a list, YAML for the rest
+    (``3``, ``1e-4``, ``true``, ``null``)."""
+    tp = _annotation(dotted)
+    arms = get_args(tp) if get_origin(tp) in (Union, types.UnionType) else (tp,)
+    if set(arms) - {type(None)} == {str} and not (type(None) in arms and raw in ("null", "~")):
+        return raw
+    if get_origin(tp) is list and not raw.lstrip().startswith("["):
+        (arm,) = get_args(tp)
+        parts = [part.strip() for part in raw.split(",")] if raw.strip() else []
+        return parts if arm is str else [yaml.safe_load(part) for part in parts]
     try:
-        value = yaml.safe_load(raw)
+        return yaml.safe_load(raw)
     except yaml.YAMLError:
-        value = raw
+        return raw
+
+
+def _set_dotted(values: dict, dotted: str, raw: str) -> None:
+    """Apply ``--a.b.c VALUE`` (see :func:`_parse_value`)."""
+    value = _parse_value(dotted, raw)
     parts = dotted.split(".")
     node = values
     for part in parts[:-1]:

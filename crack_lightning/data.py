@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 import random
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -229,6 +230,14 @@ class Uint8Batches:
         return (images, *default_collate([it[1:] for it in items]))
 
 
+def available_cpus() -> int:
+    """Cores this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def make_loader(ds: Dataset, batch_size: int, num_workers: int, *, shuffle: bool = False, collate_fn=None,
                 pin_memory: bool = False, prefetch_factor: int = 2, persistent_workers: bool = False) -> DataLoader:
     """Every DataLoader of the project that decodes images.
@@ -239,6 +248,7 @@ def make_loader(ds: Dataset, batch_size: int, num_workers: int, *, shuffle: bool
     does ~900. It is set here, in the parent, before the workers fork: a worker
     that reconfigures an OpenCV pool inherited through fork deadlocks.
     """
+    num_workers = min(num_workers, available_cpus())  # more workers than cores only contend (and warn)
     if num_workers > 0:
         cv2.setNumThreads(1)
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, collate_fn=collate_fn,

@@ -18,6 +18,21 @@ from .transforms import Preprocessing
 from .weights import create_pretrained
 
 
+def pooled_features(net: nn.Module, size: int) -> int:
+    """Width of what ``net`` (classifier removed) really returns.
+
+    ``num_features`` is not it for every family: timm's MobileNetV3 has a 1280-wide
+    ``conv_head`` after its 960 pooled channels (``head_hidden_size``). One tiny
+    forward pass is the only answer that holds for any timm model.
+    """
+    was_training = net.training
+    net.eval()
+    with torch.no_grad():
+        width = int(net(torch.zeros(1, 3, size, size)).shape[-1])
+    net.train(was_training)
+    return width
+
+
 class CrackClassifier(L.LightningModule):
     """timm backbone (pooled features) -> dropout -> Linear(features, 1).
 
@@ -49,7 +64,7 @@ class CrackClassifier(L.LightningModule):
         self.pre = Preprocessing.from_model(net, image_size)
         net.reset_classifier(0)
         self.backbone = net
-        self.head = nn.Sequential(nn.Dropout(drop_rate), nn.Linear(net.num_features, 1))
+        self.head = nn.Sequential(nn.Dropout(drop_rate), nn.Linear(pooled_features(net, self.pre.size), 1))
         self.register_buffer("threshold", torch.tensor(0.5, dtype=torch.float64))
         self.lr, self.weight_decay = lr, weight_decay
         self.backbone_frozen = False
@@ -112,6 +127,15 @@ class CrackClassifier(L.LightningModule):
         epochs = max(int(self.trainer.max_epochs or 1), 1)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=self.lr * 0.01)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A trained checkpoint holds every weight, so loading it must never need the network or
+        the weights file the run started from: store ``pretrained: none`` (where they came from
+        is kept under ``initial_weights``, for the record)."""
+        hp = checkpoint.get("hyper_parameters")
+        if hp is not None:
+            checkpoint["initial_weights"] = {"pretrained": hp.get("pretrained"), "weights_file": hp.get("weights_file")}
+            hp.update(pretrained="none", weights_file=None)
 
     # ---- evaluation: collect every probability, gather across ranks, compute once --
     def _collect(self, stage: str, batch) -> None:

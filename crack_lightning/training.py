@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import read_checkpoint, save_release
 from .config import Config, ConfigError, dump_yaml
+from .console import ProgressBar, quiet_lightning
 from .data import (CrackDataModule, Record, TensorItems, check_no_leak, class_counts, label_conflicts,
                    read_split_csv, scan, split_records, subsample, write_split_csv)
 from .io import atomic_write, write_json, write_text
@@ -162,7 +163,17 @@ def prepare_data(cfg: Config, run_dir: Path, resume: bool) -> list[Record]:
         raise DataError("too few images to make train and validation splits; add images or change the fractions")
     if is_global_zero():
         write_split_csv(records, split_csv, d.class_names)
+        print(split_summary(records, d.class_names) + f" -> {split_csv}")
     return records
+
+
+def split_summary(records: list[Record], class_names: list[str]) -> str:
+    """``split: train 120 (60 Negative / 60 Positive), val 40 (...), test 40 (...)``"""
+    counts = class_counts(records)
+    parts = [f"{s} {sum(counts[s].values())} (" + " / ".join(f"{counts[s].get(k, 0)} {n}"
+                                                          for k, n in enumerate(class_names)) + ")"
+             for s in ("train", "val", "test") if s in counts]
+    return "split: " + ", ".join(parts)
 
 
 def feature_device(cfg: Config) -> torch.device:
@@ -209,12 +220,12 @@ def compute_features(extract, loader: DataLoader, desc: str) -> TensorItems:
 
 def make_trainer(cfg: Config, run_dir: Path, stage: str | None, epochs: int = 1, patience: int = 3) -> L.Trainer:
     t = cfg.trainer
-    callbacks: list[Any] = []
+    callbacks: list[Any] = [ProgressBar()] if t.enable_progress_bar else []
     logger: Any = False
     if stage:
         ckpt_dir = run_dir / "checkpoints" / stage
         mode = "min" if cfg.train.monitor == "val_loss" else "max"
-        callbacks = [
+        callbacks += [
             EpochTimer(),
             ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=cfg.train.monitor, mode=mode, save_last=True,
                             save_top_k=1, enable_version_counter=False),
@@ -302,18 +313,26 @@ def write_predictions(path: Path, records: list[Record], result: dict, class_nam
 def train(cfg: Config, resume: bool = False) -> dict:
     """Run the whole recipe; return the metrics written to ``metrics.json``."""
     start = time.time()
+    quiet_lightning()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     run_dir = run_dir_for(cfg)
     created = not run_dir.exists()
     if is_global_zero():
         check_run_dir(run_dir, resume)
+        print(f"run folder: {run_dir}")
     try:
-        model = build_model(cfg)
-        records = prepare_data(cfg, run_dir, resume)
+        return _train(cfg, run_dir, resume, start)
     except BaseException:
-        if created and is_global_zero():  # a run that never started leaves no folder behind
+        # a run that stopped before its first checkpoint (a crash, a bad file, Ctrl+C) has nothing
+        # to resume: leave no folder behind that would block re-running under the same name
+        if created and is_global_zero() and not any(run_dir.glob("checkpoints/*/*.ckpt")):
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
+
+
+def _train(cfg: Config, run_dir: Path, resume: bool, start: float) -> dict:
+    model = build_model(cfg)
+    records = prepare_data(cfg, run_dir, resume)
     on_gpu = feature_device(cfg).type == "cuda"
     dm = CrackDataModule(cfg.data, records, model.pre, device_normalize=on_gpu, defer_resize=on_gpu)
     if is_global_zero():

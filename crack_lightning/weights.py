@@ -15,6 +15,7 @@ tells the user what to do instead of a hub traceback.
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -139,12 +140,13 @@ def create_pretrained(arch: str, pretrained: str = "lite0", weights_file: str | 
             "set model.backbone=tf_efficientnet_lite0, or model.pretrained=timm (needs a network), "
             "or model.weights_file=<local file>"
         )
+    from_hub = pretrained == "timm" and not weights_file
+    if not timm.is_model(arch):
+        raise WeightsError(f"unknown timm model {arch!r} (see timm.list_models())")
+    if from_hub:
+        _check_hub(arch)
     try:
-        model = timm.create_model(arch, pretrained=(pretrained == "timm" and not weights_file), **kwargs)
-    except RuntimeError as exc:
-        if "Unknown model" in str(exc):
-            raise WeightsError(f"unknown timm model {arch!r} (see timm.list_models())") from exc
-        raise _hub_error(arch, exc) from exc
+        model = timm.create_model(arch, pretrained=from_hub, **kwargs)
     except Exception as exc:  # noqa: BLE001 - network / hub errors come in many classes
         raise _hub_error(arch, exc) from exc
     if weights_file:
@@ -154,10 +156,77 @@ def create_pretrained(arch: str, pretrained: str = "lite0", weights_file: str | 
     return model
 
 
-def _hub_error(arch: str, exc: Exception) -> WeightsError:
-    return WeightsError(
-        f"could not download ImageNet weights for {arch} from the hub "
-        f"({exc.__class__.__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}). "
-        "Offline? Either set model.weights_file=<local .pth/.safetensors>, or use the bundled "
-        "offline weights: --config configs/offline.yaml (tf_efficientnet_lite0, model.pretrained=lite0)."
-    )
+OFFLINE_HINT = ("Offline? Add --model.weights_file PATH (a local .pth/.safetensors of ImageNet weights for this "
+                "backbone), or use the bundled offline weights: --config configs/offline.yaml")
+
+
+def _hub_error(arch: str, exc: Exception | str) -> WeightsError:
+    why = exc if isinstance(exc, str) else \
+        f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+    return WeightsError(f"could not download ImageNet weights for {arch} from the hub ({why}). {OFFLINE_HINT}")
+
+
+def _weights_host(arch: str) -> tuple[str | None, str | None, str | None]:
+    """(hub repo id, hub file it would fetch or None, host to reach) of ``arch``'s default pretrained weights."""
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(arch)
+    repo = getattr(cfg, "hf_hub_id", None) if cfg else None
+    if repo:
+        import huggingface_hub.constants as hf
+
+        return repo, getattr(cfg, "hf_hub_filename", None), hf.ENDPOINT
+    return None, None, getattr(cfg, "url", None) if cfg else None
+
+
+def _cached(repo: str, filename: str | None) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    names = [filename] if filename else ["model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"]
+    return any(isinstance(try_to_load_from_cache(repo, n), str) for n in names)
+
+
+def _reachable(url: str, timeout: float = 3.0) -> bool:
+    """Can a TCP connection to ``url``'s host be opened within ``timeout`` (DNS included)?"""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    if not u.hostname:
+        return False
+    ok: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((u.hostname, u.port or (443 if u.scheme == "https" else 80)), timeout).close()
+            ok.append(True)
+        except OSError:
+            pass
+
+    t = threading.Thread(target=probe, daemon=True)  # getaddrinfo ignores socket timeouts: bound it here
+    t.start()
+    t.join(timeout + 1.0)
+    return bool(ok)
+
+
+def _check_hub(arch: str) -> None:
+    """Fail in seconds, not after a minute of hub retries, when the weights can be neither
+    found in the local cache nor downloaded; when they are cached and the hub is out of reach,
+    load them from the cache without asking the hub."""
+    repo, filename, endpoint = _weights_host(arch)
+    if repo is None and endpoint is None:
+        raise WeightsError(f"timm has no pretrained weights for {arch}. Add --model.weights_file PATH, "
+                           "or --model.pretrained none to start from random weights")
+    import huggingface_hub.constants as hf
+
+    cached = repo is not None and _cached(repo, filename)
+    if hf.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        if not cached:
+            raise _hub_error(arch, "HF_HUB_OFFLINE is set and they are not in the local cache")
+        return
+    if endpoint and not _reachable(endpoint):
+        if cached:
+            hf.HF_HUB_OFFLINE = True  # use the cached file; asking the hub would only retry for a minute
+            return
+        raise _hub_error(arch, f"{endpoint} cannot be reached and they are not in the local cache")

@@ -87,3 +87,13 @@ def test_cli_print_config_and_errors():
 def test_every_shipped_config_loads(path):
     cfg = load_config(path)
     assert cfg.data.batch_size >= 1 and cfg.model.backbone
+
+
+def test_text_keys_take_the_value_as_written_and_lists_split_on_commas():
+    cfg = load_config(None, [("run_name", "off"), ("data.root", "123"), ("model.weights_file", "yes"),
+                             ("data.class_names", "no_crack, crack")])
+    assert cfg.run_name == "off" and cfg.data.root == "123" and cfg.model.weights_file == "yes"
+    assert cfg.data.class_names == ["no_crack", "crack"]
+    assert load_config(None, [("model.weights_file", "null")]).model.weights_file is None
+    assert load_config(None, [("trainer.devices", "2")]).trainer.devices == 2  # int or str: YAML decides
+    assert load_config(None, [("trainer.devices", "auto")]).trainer.devices == "auto"

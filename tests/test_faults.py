@@ -156,6 +156,8 @@ def test_interrupted_run_resumes_from_saved_epoch(tmp_path, sig):
     saved = torch.load(last, weights_only=True, map_location="cpu")  # never half-written
     assert saved["epoch"] >= 2 and saved["global_step"] > 0
     assert not (tmp_path / "runs/r/metrics.json").exists()
+    if sig != signal.SIGKILL:
+        return  # resuming is the same after any of the three; the full cycle runs once, after kill -9
 
     res = run_cli("train.py", *args[2:], "--resume")
     assert res.returncode == 0, res.stderr[-3000:]

@@ -37,6 +37,13 @@ def test_frozen_then_finetune_changes_backbone(tmp_path):
                   str(tmp_path / "runs"), "--run_name", "two", "--train.frozen.epochs", "1",
                   "--train.finetune.epochs", "1", "--train.cache_features", "false", *TINY)
     assert res.returncode == 0, res.stderr[-2000:]
+    # what the user reads: the run folder, the split, the result; no library banners or warnings
+    out = res.stdout + res.stderr
+    for chatter in ("Tip:", "GPU available", "TPU available", "was configured so", "Warning", "warn", "eval mode",
+                    "LeafSpec", "log_every_n_steps"):
+        assert chatter not in out, chatter
+    assert "run folder: " in res.stdout and "split: train 8 (4 Negative / 4 Positive)" in res.stdout
+    assert res.stdout.count("test accuracy") == 1
     run = tmp_path / "runs" / "two"
     frozen = torch.load(run / "checkpoints/frozen/best.ckpt", weights_only=True)["state_dict"]
     tuned = torch.load(run / "checkpoints/finetune/best.ckpt", weights_only=True)["state_dict"]
@@ -58,6 +65,8 @@ def test_ddp_two_processes_on_cpu(tmp_path):
                   "--train.finetune.epochs", "1", "--train.cache_features", "false",
                   "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp", *TINY)
     assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("test accuracy") == 1  # once, not once per process
+    assert "sync_dist" not in res.stderr and "DistributedSampler" not in res.stderr
     metrics = json.loads((tmp_path / "runs" / "ddp" / "metrics.json").read_text())
     assert metrics["stages"]["frozen"]["world_size"] == 2
     assert metrics["stages"]["finetune"]["world_size"] == 2
@@ -122,3 +131,30 @@ def test_gpu_loaders_drive_training_and_feature_caching(tmp_path):
     trainer.test(model, cpu_dm, verbose=False)
     assert sorted(on_gpu_path["index"].tolist()) == list(range(len(gpu_dm.split("test"))))
     assert torch.allclose(on_gpu_path["probs"], model.last_results["test"]["probs"], atol=1e-5)
+
+
+def test_crash_before_first_checkpoint_leaves_no_run_folder(tmp_path, monkeypatch):
+    """A run that dies on a bug before it has trained anything leaves nothing that blocks re-running it."""
+    import pytest
+
+    from crack_lightning import training
+    from crack_lightning.config import load_config
+
+    data = make_folder(tmp_path / "data", n_per_class=4)
+    pairs = [("data.root", str(data)), ("output_dir", str(tmp_path / "runs")), ("run_name", "r"),
+             ("model.pretrained", "none"), ("model.image_size", "32"), ("data.num_workers", "0"),
+             ("train.frozen.epochs", "1"), ("trainer.enable_progress_bar", "false")]
+    cfg = load_config(ROOT / "configs/quickstart.yaml", pairs)
+
+    def bug(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    run_stage = training.run_stage
+    monkeypatch.setenv(training.RUN_NAME_ENV, "r")  # train() records the name there for DDP processes
+    monkeypatch.setattr(training, "run_stage", bug)
+    with pytest.raises(RuntimeError, match="a bug"):
+        training.train(cfg)
+    assert not (tmp_path / "runs" / "r").exists()
+    monkeypatch.setattr(training, "run_stage", run_stage)
+    result = training.train(cfg)  # same name, no --resume needed
+    assert (tmp_path / "runs" / "r" / "model.pt").is_file() and result["after"]["test"]["n"] > 0

@@ -43,7 +43,8 @@ def test_local_weights_file_in_lukemelas_format(tmp_path):
 
 def test_hub_unreachable_gives_clear_message(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(WeightsError, match=r"could not download ImageNet weights for mobilenetv3_large_100.*offline\.yaml"):
+    with pytest.raises(WeightsError, match=r"could not download ImageNet weights for mobilenetv3_large_100 .*"
+                                           r"HF_HUB_OFFLINE is set.*--model\.weights_file PATH.*offline\.yaml"):
         create_pretrained("mobilenetv3_large_100", "timm")
 
 

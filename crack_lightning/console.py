@@ -1,0 +1,64 @@
+"""What a run prints: progress bars, the split, the result, where it went; not library chatter.
+
+Lightning announces its device probe, its cloud products and its reading of
+``limit_*_batches`` once per Trainer (a run has several); none of it calls for
+action. Warnings that do not apply to this recipe are dropped by message, so
+anything new still shows.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+
+from lightning.pytorch.callbacks import TQDMProgressBar
+
+_CHATTER = re.compile(
+    r"💡 Tip|GPU available:|TPU available:|HPU available:|IPU available:|was configured so|"
+    r"LOCAL_RANK: \d+ - CUDA_VISIBLE_DEVICES|Initializing distributed:|distributed_backend=")
+
+_IGNORED_WARNINGS = (
+    # the frozen backbone is kept in eval mode on purpose (ImageNet BatchNorm statistics)
+    r"Found \d+ module\(s\) in eval mode",
+    # small data sets log every epoch anyway
+    r"The number of training batches .* is smaller than the logging interval",
+    # a deprecation inside Lightning itself, not in anything this project calls
+    r".*LeafSpec.* is deprecated",
+    # validation/test metrics are computed from outputs gathered across ranks: equal on every rank
+    r"It is recommended to use `self.log\(.*sync_dist=True",
+    # evaluation drops DistributedSampler's padding repeats by image index (CrackClassifier._finish)
+    r"Using `DistributedSampler` with the dataloaders",
+    # a deprecation inside Lightning's all_gather, not in anything this project calls
+    r"torch.distributed.nn.functional.all_gather is deprecated",
+    # loaders are sized by data.num_workers, capped at the cores there are
+    r"The '\w+_dataloader' does not have many workers",
+)
+
+
+class _DropChatter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno <= logging.INFO and _CHATTER.search(record.getMessage()))
+
+
+_FILTER = _DropChatter()
+
+
+def quiet_lightning() -> None:
+    """Drop Lightning's informational banners and the warnings listed above (idempotent)."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                 "lightning.pytorch.accelerators.cuda", "lightning.fabric.utilities.distributed",
+                 "lightning.pytorch.strategies.ddp"):
+        logger = logging.getLogger(name)
+        if _FILTER not in logger.filters:
+            logger.addFilter(_FILTER)
+    for pattern in _IGNORED_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+class ProgressBar(TQDMProgressBar):
+    """Lightning's bar without the logger's version number (``v_num=ozen`` for a stage's folder)."""
+
+    def get_metrics(self, trainer, pl_module):  # noqa: D102 - Lightning's hook
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics
