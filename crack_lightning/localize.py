@@ -8,6 +8,7 @@ tiles, whatever the number of tiles. Each tile goes through the same
 from __future__ import annotations
 
 import csv
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -85,18 +86,24 @@ class Localization:
 def localize(path: str | Path, predictor, tile: int = TRAINING_TILE, stride: int | None = None,
              progress: bool = False) -> tuple[Localization, np.ndarray]:
     """Classify every tile of the photo at ``path``; return the tiles and the decoded photo."""
-    stride = stride or tile // 2
     image = decode_image(path)
+    return localize_array(image, predictor, tile, stride, str(path), progress), image
+
+
+def localize_array(image: np.ndarray, predictor, tile: int = TRAINING_TILE, stride: int | None = None,
+                   name: str = "photo", progress: bool = False) -> Localization:
+    """Classify every tile of a decoded ``HxWx3`` photo (what :func:`localize` and the server share)."""
+    stride = stride or tile // 2
     height, width = image.shape[:2]
     tf = eval_transform(predictor.pre)
     tiles = list(iter_tiles(width, height, tile, stride))
-    for start in tqdm(range(0, len(tiles), predictor.batch_size), desc=f"tiles of {Path(path).name}",
+    for start in tqdm(range(0, len(tiles), predictor.batch_size), desc=f"tiles of {Path(name).name}",
                       unit="batch", disable=not progress):
         chunk = tiles[start:start + predictor.batch_size]
         batch = torch.stack([tf(image=image[t.y:t.y + t.height, t.x:t.x + t.width])["image"] for t in chunk])
         for t, p in zip(chunk, predictor.probabilities(batch).tolist()):
             t.probability = float(p)
-    return Localization(str(path), width, height, tiles, float(predictor.threshold)), image
+    return Localization(name, width, height, tiles, float(predictor.threshold))
 
 
 def write_tiles_csv(loc: Localization, path: Path) -> None:
@@ -107,22 +114,35 @@ def write_tiles_csv(loc: Localization, path: Path) -> None:
             w.writerow([t.x, t.y, t.width, t.height, f"{t.probability:.6f}"])
 
 
-def write_heatmap(loc: Localization, image: np.ndarray, path: Path, max_side: int = 1600) -> None:
-    """The photo (downscaled) with crack probability as a red veil and the crack area outlined.
+def veil(heat: np.ndarray, threshold: float) -> np.ndarray:
+    """RGBA floats: red whose opacity grows with the probability, so clean surface stays
+    untouched and the cracks themselves remain visible under the colour."""
+    out = np.zeros(heat.shape + (4,), np.float32)
+    out[..., 0] = 1.0
+    out[..., 3] = np.where(heat >= 0.5 * threshold, 0.15 + 0.45 * heat, 0.0)
+    return out
 
-    The veil's opacity grows with the probability, so clean surface stays
-    untouched and the cracks themselves remain visible under the colour.
-    """
+
+def heat_layer_png(loc: Localization, max_side: int = 1600) -> bytes:
+    """The crack-probability veil alone, as a transparent RGBA PNG with the photo's aspect
+    (longest side at most ``max_side``): laid over the photo it gives :func:`write_heatmap`'s
+    colouring, so a web page can overlay it on the full-size photo at any zoom."""
+    scale = max(1, int(np.ceil(max(loc.width, loc.height) / max_side)))
+    heat = loc.heat(scale)[: max(1, loc.height // scale), : max(1, loc.width // scale)]
+    buf = io.BytesIO()
+    Image.fromarray((veil(heat, loc.threshold) * 255).round().astype(np.uint8), "RGBA").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_heatmap(loc: Localization, image: np.ndarray, path: Path, max_side: int = 1600) -> None:
+    """The photo (downscaled) with crack probability as a red :func:`veil` and the crack area outlined."""
     scale = max(1, int(np.ceil(max(loc.width, loc.height) / max_side)))
     small = np.asarray(Image.fromarray(image).reduce(scale)) if scale > 1 else image
     heat = loc.heat(scale)[: small.shape[0], : small.shape[1]]
     fig_w = 10
     fig, ax = plt.subplots(figsize=(fig_w, fig_w * small.shape[0] / small.shape[1] + 0.8))
     ax.imshow(small)
-    veil = np.zeros(heat.shape + (4,), np.float32)
-    veil[..., 0] = 1.0
-    veil[..., 3] = np.where(heat >= 0.5 * loc.threshold, 0.15 + 0.45 * heat, 0.0)
-    ax.imshow(veil, interpolation="nearest")
+    ax.imshow(veil(heat, loc.threshold), interpolation="nearest")
     if heat.max() >= loc.threshold > heat.min():
         ax.contour(heat, levels=[loc.threshold], colors="yellow", linewidths=1.2)
     ax.set_axis_off()

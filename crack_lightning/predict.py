@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import load_model
 from .data import make_loader
-from .images import BadImageError, decode_image, is_image_file
+from .images import MAX_PIXELS, BadImageError, decode_image, is_image_file
 from .io import atomic_write
 from .metrics import binary_metrics
 from .transforms import Preprocessing, eval_transform, stack_uint8
@@ -67,20 +67,19 @@ def label_from_path(path: Path, class_names: Sequence[str]) -> int | None:
 
 
 class _Files(Dataset):
-    """``(image or None, index, error)``; ``transform=None`` gives the decoded HWC array."""
+    """``(model input or None, index, error)`` of each path, made by ``prepare`` (:class:`Prepare`)."""
 
-    def __init__(self, paths: Sequence[Path], transform):
-        self.paths, self.transform = list(paths), transform
+    def __init__(self, paths: Sequence[Path], prepare):
+        self.paths, self.prepare = list(paths), prepare
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
         try:
-            image = decode_image(self.paths[i])
+            return self.prepare(self.paths[i]), i, ""
         except BadImageError as exc:
             return None, i, str(exc)
-        return (image if self.transform is None else self.transform(image=image)["image"]), i, ""
 
 
 @dataclass
@@ -100,6 +99,21 @@ class _Batches:
         images = [g[0] for g in good]
         x = stack_uint8(images, self.pre, self.defer_resize) if self.uint8 else torch.stack(images)
         return x, [g[1] for g in good], errors
+
+
+class Prepare:
+    """One image file (path or bytes) -> the model's input item: normalised float ``(3,S,S)``,
+    or, for the PyTorch engine (``uint8=True``), the decoded ``HxWx3`` uint8 array that
+    :class:`_Batches` stacks. Raises :class:`BadImageError` for a file that is not a usable
+    image. Plain data only, so loader workers receive it cheaply (never the model)."""
+
+    def __init__(self, pre: Preprocessing, uint8: bool, max_pixels: int = MAX_PIXELS):
+        self.uint8, self.max_pixels = uint8, max_pixels
+        self.transform = None if uint8 else eval_transform(pre)
+
+    def __call__(self, source: str | Path | bytes):
+        image = decode_image(source, self.max_pixels)
+        return image if self.transform is None else self.transform(image=image)["image"]
 
 
 @dataclass
@@ -179,13 +193,20 @@ class Predictor:
         for the PyTorch engine, uint8 ``(B,H,W,3)`` (:func:`stack_uint8`)."""
         return self._launch(batch).cpu()
 
+    def preparer(self, max_pixels: int = MAX_PIXELS) -> "Prepare":
+        """What turns one image file into this model's input item (see :class:`Prepare`)."""
+        return Prepare(self.pre, self.device_normalize, max_pixels)
+
+    @property
+    def collate(self) -> "_Batches":
+        """Items ``(input or None, index, error)`` -> ``(batch, indices, [(index, reason)])``."""
+        return _Batches(self.pre, self.device_normalize, self.defer_resize)
+
     def loader(self, paths: Sequence[Path]) -> DataLoader:
         """Batches ``(images, indices, [(index, reason)])`` of ``paths``, in order, ready for
         :meth:`probabilities`."""
-        transform = None if self.device_normalize else eval_transform(self.pre)  # uint8: _Batches resizes
-        return make_loader(_Files(paths, transform), self.batch_size, self.num_workers,
-                           collate_fn=_Batches(self.pre, self.device_normalize, self.defer_resize),
-                           pin_memory=self.on_gpu, prefetch_factor=4)
+        return make_loader(_Files(paths, self.preparer()), self.batch_size, self.num_workers,
+                           collate_fn=self.collate, pin_memory=self.on_gpu, prefetch_factor=4)
 
     def iter_rows(self, paths: Sequence[Path], progress: bool = True) -> Iterator[Row]:
         """One row per path, in order. One batch stays in flight: a GPU computes it while

@@ -86,3 +86,17 @@ def test_jpeg_with_trailing_bytes_still_decodes(tmp_path):
         expected = np.asarray(im.convert("RGB"))
     p.write_bytes(p.read_bytes() + b"\x00trailer")
     assert np.array_equal(decode_image(p), expected)
+
+
+def test_bytes_decode_like_the_file(tmp_path):
+    """The server decodes uploads from memory: same pixels, same refusals as from a file."""
+    from conftest import SAMPLE
+
+    for path in sorted((SAMPLE / "Positive").glob("*.jpg"))[:3]:
+        assert np.array_equal(decode_image(path.read_bytes()), decode_image(path))
+    png = tmp_path / "a.png"
+    Image.fromarray(np.full((20, 30, 4), 128, np.uint8), "RGBA").save(png)
+    assert np.array_equal(decode_image(png.read_bytes()), decode_image(png))
+    for bad, reason in ((b"", "empty"), (b"hello", "not an image"), (png.read_bytes()[:60], "corrupt|truncated|cannot")):
+        with pytest.raises(BadImageError, match=reason):
+            decode_image(bad)

@@ -1,0 +1,181 @@
+// The inspector's page: drop photos, watch the answers fill in, look where the cracks are.
+// Plain JavaScript served by the server itself: works with no internet.
+"use strict";
+
+const IN_FLIGHT = 4;          // requests at once; the server batches them together
+const results = [];           // {file, name, probability, label, error, row}
+const queue = [];
+let running = 0;
+let threshold = null;
+let crackLabel = "Positive";
+let apiKey = sessionStorage.getItem("crack_api_key") || "";
+
+const $ = (id) => document.getElementById(id);
+
+function headers() {
+  return apiKey ? { "X-API-Key": apiKey } : {};
+}
+
+async function health() {
+  const r = await fetch("/healthz", { headers: headers() });
+  if (r.status === 401) {
+    $("key-box").hidden = false;
+    $("model").textContent = "this server needs an API key";
+    return;
+  }
+  const h = await r.json();
+  threshold = h.threshold;
+  crackLabel = h.class_names ? h.class_names[1] : crackLabel;
+  $("key-box").hidden = true;
+  $("model").textContent = `model ${h.model}, crack when probability ≥ ${h.threshold.toFixed(3)}`;
+}
+
+function addFiles(files) {
+  const images = Array.from(files).filter((f) => f.type.startsWith("image/") || /\.(jpe?g|png|bmp|tiff?|webp)$/i.test(f.name));
+  if (!images.length) return;
+  $("results").hidden = false;
+  $("toolbar").hidden = false;
+  for (const file of images) {
+    const entry = { file, name: file.name, probability: null, label: "", error: "" };
+    entry.row = document.createElement("tr");
+    entry.row.className = "pending";
+    const thumb = document.createElement("img");
+    thumb.alt = file.name;
+    thumb.src = URL.createObjectURL(file);
+    const cells = [thumb, file.name, "…", "waiting"].map((content, i) => {
+      const td = document.createElement("td");
+      if (i === 3) td.className = "label";
+      if (i === 2) td.className = "probability";
+      if (content instanceof Node) td.appendChild(content); else td.textContent = content;
+      return td;
+    });
+    cells.forEach((td) => entry.row.appendChild(td));
+    entry.row.addEventListener("click", () => openViewer(entry));
+    $("results").tBodies[0].appendChild(entry.row);
+    results.push(entry);
+    queue.push(entry);
+  }
+  pump();
+}
+
+function progress() {
+  const done = results.filter((e) => e.probability !== null || e.error).length;
+  const cracks = results.filter((e) => e.label === crackLabel).length;
+  $("progress").textContent = `${done} of ${results.length} answered, ${cracks} with a crack`;
+}
+
+function pump() {
+  progress();
+  while (running < IN_FLIGHT && queue.length) {
+    const entry = queue.shift();
+    running += 1;
+    classify(entry).finally(() => { running -= 1; pump(); });
+  }
+}
+
+async function classify(entry, attempt = 0) {
+  const body = new FormData();
+  body.append("files", entry.file, entry.name);
+  let answer;
+  try {
+    const r = await fetch("/v1/predict", { method: "POST", body, headers: headers() });
+    if (r.status === 503 && attempt < 5) {  // busy: wait and try again
+      await new Promise((ok) => setTimeout(ok, 1000 * (attempt + 1)));
+      return classify(entry, attempt + 1);
+    }
+    const json = await r.json();
+    if (!r.ok) throw new Error(json.error || r.statusText);
+    answer = json.results[0];
+    threshold = json.threshold;
+  } catch (err) {
+    answer = { error: String(err.message || err) };
+  }
+  const cells = entry.row.cells;
+  if (answer.error) {
+    entry.error = answer.error;
+    entry.row.className = "error";
+    cells[2].textContent = "";
+    cells[3].textContent = `error: ${answer.error}`;
+  } else {
+    entry.probability = answer.probability;
+    entry.label = answer.label;
+    entry.row.className = answer.label === crackLabel ? "crack" : "clean";
+    cells[2].textContent = answer.probability.toFixed(4);
+    cells[3].textContent = answer.label;
+  }
+}
+
+async function openViewer(entry) {
+  if (entry.error) return;
+  $("viewer").hidden = false;
+  $("viewer-title").textContent = entry.name;
+  $("viewer-status").textContent = "finding the cracks…";
+  $("photo").src = entry.row.cells[0].firstChild.src;
+  $("heat").removeAttribute("src");
+  $("tiles").innerHTML = "";
+  const body = new FormData();
+  body.append("file", entry.file, entry.name);
+  const r = await fetch("/v1/localize", { method: "POST", body, headers: headers() });
+  const loc = await r.json();
+  if (!r.ok) {
+    $("viewer-status").textContent = `error: ${loc.error}`;
+    return;
+  }
+  $("heat").src = `data:image/png;base64,${loc.heatmap_png}`;
+  const svg = $("tiles");
+  svg.setAttribute("viewBox", `0 0 ${loc.width} ${loc.height}`);
+  svg.setAttribute("preserveAspectRatio", "none");
+  for (const t of loc.tiles.filter((t) => t.probability >= loc.threshold)) {
+    const rect = document.createElementNS("http://www.w3.org/2000/svg", "rect");
+    for (const [k, v] of Object.entries({ x: t.x, y: t.y, width: t.width, height: t.height })) rect.setAttribute(k, v);
+    svg.appendChild(rect);
+  }
+  $("viewer-status").textContent = `${loc.crack_tiles} of ${loc.tiles.length} tiles show a crack ` +
+    `(${(100 * loc.crack_fraction).toFixed(1)}% of the surface; outlined in yellow)`;
+}
+
+function download(name, type, text) {
+  const a = document.createElement("a");
+  a.href = URL.createObjectURL(new Blob([text], { type }));
+  a.download = name;
+  a.click();
+  setTimeout(() => URL.revokeObjectURL(a.href), 1000);
+}
+
+function rows() {
+  return results.map((e) => ({ filename: e.name, probability: e.probability, label: e.label, error: e.error }));
+}
+
+function csvCell(value) {
+  let s = value === null || value === undefined ? "" : String(value);
+  if (/^[=+\-@\t\r]/.test(s)) s = `'${s}`;  // never a formula when opened in a spreadsheet
+  return /[",\n\r]/.test(s) ? `"${s.replace(/"/g, '""')}"` : s;
+}
+
+$("csv").addEventListener("click", () => {
+  const lines = [["filename", "probability", "label", "error"].join(",")];
+  for (const r of rows()) lines.push([r.filename, r.probability, r.label, r.error].map(csvCell).join(","));
+  download("crack_predictions.csv", "text/csv", lines.join("\r\n") + "\r\n");
+});
+$("json").addEventListener("click", () => {
+  download("crack_predictions.json", "application/json", JSON.stringify({ threshold, results: rows() }, null, 2));
+});
+$("clear").addEventListener("click", () => {
+  queue.length = 0;
+  results.splice(0).forEach((e) => { URL.revokeObjectURL(e.row.cells[0].firstChild.src); e.row.remove(); });
+  progress();
+});
+$("close").addEventListener("click", () => { $("viewer").hidden = true; });
+$("viewer").addEventListener("click", (ev) => { if (ev.target === $("viewer")) $("viewer").hidden = true; });
+document.addEventListener("keydown", (ev) => { if (ev.key === "Escape") $("viewer").hidden = true; });
+$("key-save").addEventListener("click", () => {
+  apiKey = $("api-key").value;
+  sessionStorage.setItem("crack_api_key", apiKey);
+  health();
+});
+$("files").addEventListener("change", (ev) => { addFiles(ev.target.files); ev.target.value = ""; });
+const drop = $("drop");
+["dragenter", "dragover"].forEach((t) => drop.addEventListener(t, (ev) => { ev.preventDefault(); drop.classList.add("over"); }));
+["dragleave", "drop"].forEach((t) => drop.addEventListener(t, () => drop.classList.remove("over")));
+drop.addEventListener("drop", (ev) => { ev.preventDefault(); addFiles(ev.dataTransfer.files); });
+health();

@@ -1,0 +1,72 @@
+#!/usr/bin/env python
+"""Make docs/server_page.png: the page after dropping sample patches, with one photo opened in the viewer.
+
+    python docs/screenshot.py          # needs Debian's chromium (apt-get install chromium)
+
+Starts ``serve.py``, drops eight patches of ``data/sample`` and a 3x2 mosaic "site photo"
+made of sample patches (three with a crack), waits for the answers, opens the mosaic.
+"""
+from __future__ import annotations
+
+import base64
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+from playwright.sync_api import sync_playwright
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "data" / "sample"
+
+
+def main() -> int:
+    pos, neg = sorted((SAMPLE / "Positive").glob("*.jpg")), sorted((SAMPLE / "Negative").glob("*.jpg"))
+    files = [p for pair in zip(pos[:4], neg[:4]) for p in pair]
+    cells = [np.asarray(Image.open(p).convert("RGB")) for p in (pos[10], neg[10], neg[11], neg[12], pos[11], pos[12])]
+    mosaic = Path("/tmp/site_photo.jpg")
+    Image.fromarray(np.concatenate([np.concatenate(cells[:3], 1), np.concatenate(cells[3:], 1)], 0)).save(mosaic)
+    payload = [{"name": p.name, "b64": base64.b64encode(p.read_bytes()).decode()} for p in [*files, mosaic]]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "serve.py", "--port", str(port)], cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=shutil.which("chromium"), args=[
+                "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"])
+            page = browser.new_page(viewport={"width": 1100, "height": 900})
+            page.goto(url + "/")
+            page.evaluate("""(files) => {
+                const dt = new DataTransfer();
+                for (const f of files) dt.items.add(new File([Uint8Array.from(atob(f.b64), (c) => c.charCodeAt(0))],
+                                                             f.name, {type: 'image/jpeg'}));
+                document.getElementById('drop').dispatchEvent(new DragEvent('drop', {dataTransfer: dt, bubbles: true}));
+            }""", payload)
+            page.wait_for_function(f"document.querySelectorAll('#results tbody tr:not(.pending)').length === {len(payload)}")
+            page.click("#results tbody tr:last-child")
+            page.wait_for_function("document.getElementById('viewer-status').textContent.includes('tiles')")
+            page.wait_for_timeout(300)
+            out = ROOT / "docs" / "server_page.png"
+            page.screenshot(path=str(out))
+            browser.close()
+        print(f"wrote {out}")
+    finally:
+        server.terminate()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
