@@ -42,16 +42,52 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 - zip/EOF/runtime errors all mean a damaged file
         raise CheckpointError(f"cannot read checkpoint {path}: damaged or not a PyTorch file "
                               f"({exc.__class__.__name__})") from exc
-    if not isinstance(obj, dict) or "state_dict" not in obj or "hyper_parameters" not in obj:
+    if not isinstance(obj, dict) or not isinstance(obj.get("state_dict"), dict) or \
+            not isinstance(obj.get("hyper_parameters"), dict):
         raise CheckpointError(f"{path} is not a crack_lightning checkpoint (no state_dict/hyper_parameters)")
     return obj
+
+
+def check_threshold(value: Any, where: str | Path) -> float:
+    """A stored decision threshold must be a number strictly between 0 and 1."""
+    try:
+        t = float(value)
+    except (TypeError, ValueError):
+        t = float("nan")
+    if not 0.0 < t < 1.0:  # also False for NaN
+        raise CheckpointError(f"{where}: stored threshold {value!r} is not in (0, 1): the file is damaged or "
+                              "edited; pass --threshold to override it")
+    return t
+
+
+def check_class_names(value: Any, where: str | Path) -> list[str]:
+    if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, str) and v for v in value)
+            and value[0] != value[1]):
+        raise CheckpointError(f"{where}: class_names must be two different names, got {value!r}")
+    return list(value)
+
+
+def check_hparams(hp: dict, where: str | Path) -> dict:
+    """The constructor arguments stored in a checkpoint, checked before a model is built from them."""
+    kwargs = {k: hp[k] for k in MODEL_ARGS if k in hp}
+    if not isinstance(kwargs.get("backbone", ""), str):
+        raise CheckpointError(f"{where}: backbone must be a timm model name, got {kwargs['backbone']!r}")
+    if "class_names" in kwargs:
+        kwargs["class_names"] = check_class_names(kwargs["class_names"], where)
+    size = kwargs.get("image_size", 0)
+    if not (isinstance(size, int) and not isinstance(size, bool) and (size == 0 or 16 <= size <= 4096)):
+        raise CheckpointError(f"{where}: image_size must be 0 or 16-4096, got {size!r}")
+    rate = kwargs.get("drop_rate", 0.0)
+    if not (isinstance(rate, (int, float)) and not isinstance(rate, bool) and 0.0 <= rate < 1.0):
+        raise CheckpointError(f"{where}: drop_rate must be a number in [0, 1), got {rate!r}")
+    return kwargs
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> CrackClassifier:
     """Rebuild the model from a checkpoint (no pretrained download: the checkpoint has the weights)."""
     ckpt = read_checkpoint(path)
     hp = dict(ckpt["hyper_parameters"])
-    kwargs = {k: hp[k] for k in MODEL_ARGS if k in hp}
+    kwargs = check_hparams(hp, path)
     try:
         model = CrackClassifier(pretrained="none", **kwargs)
     except WeightsError as exc:

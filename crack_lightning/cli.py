@@ -1,6 +1,7 @@
 """Command-line plumbing shared by ``train.py`` and ``predict.py``: one clear line per user mistake."""
 from __future__ import annotations
 
+import errno
 import sys
 from typing import Callable
 
@@ -8,11 +9,14 @@ from .checkpoint import CheckpointError
 from .config import ConfigError, dump_yaml, load_config, parse_overrides
 from .data import DataError
 from .images import BadImageError
+from .io import OutputError, path_text
 from .predict import InputError
 from .weights import WeightsError
 
-USER_ERRORS = (ConfigError, DataError, InputError, WeightsError, CheckpointError, BadImageError, PermissionError,
-               FileNotFoundError, NotADirectoryError, IsADirectoryError)
+USER_ERRORS = (ConfigError, DataError, InputError, WeightsError, CheckpointError, BadImageError, OutputError,
+               PermissionError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+# a disk that fills up, a quota, a read-only or vanished file system: the user's to fix, not a bug
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EIO, errno.ENAMETOOLONG}
 
 TRAIN_USAGE = """usage: python train.py [--config FILE.yaml] [--print_config] [--resume] [--section.key VALUE ...]
 
@@ -24,12 +28,19 @@ with --section.key VALUE, e.g. --data.root DIR --train.frozen.epochs 5 --trainer
 
 def guarded(main: Callable[[], int]) -> int:
     """Run ``main``; turn known user errors into ``error: <message>`` and exit code 2."""
+    for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8 must never crash a print
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         return main()
-    except USER_ERRORS as exc:
+    except (*USER_ERRORS, OSError) as exc:
+        if isinstance(exc, OSError) and not isinstance(exc, USER_ERRORS) and exc.errno not in ENVIRONMENT_ERRNOS:
+            raise
         msg = str(exc)
-        if isinstance(exc, OSError) and exc.filename:
-            msg = f"{exc.strerror}: {exc.filename}"
+        if isinstance(exc, OSError) and exc.strerror:
+            msg = f"{exc.strerror}: {path_text(exc.filename)}" if exc.filename else exc.strerror
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                msg += " (nothing half-written was left in place of an output; free space and run again)"
         print(f"error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -140,13 +151,20 @@ def predict_main(argv: list[str]) -> int:
     from .io import write_json
     from .predict import Predictor, collect_inputs, compare, write_rows
 
+    from .io import check_output_dir, check_output_file, csv_starts_with, json_with_keys
+    from .predict import DEFAULT_CHECKPOINT, PREDICTIONS_HEADER
+
     parser = predict_parser()
     args = parser.parse_args(argv)
+    checkpoint = Path(args.checkpoint) if args.checkpoint else DEFAULT_CHECKPOINT
+    model_files = [checkpoint, checkpoint.with_suffix(".json")]  # an .onnx travels with its contract
     if args.export:
-        from .export import export
-        from .predict import DEFAULT_CHECKPOINT
+        from .export import EXPORT_FILES, export
 
-        paths = export(args.checkpoint or DEFAULT_CHECKPOINT, args.export)
+        check_output_dir(args.export, "--export")
+        for name in EXPORT_FILES:
+            check_output_file(Path(args.export) / name, model_files, "--export")
+        paths = export(checkpoint, args.export)
         for kind, path in paths.items():
             print(f"{kind}: {path}")
         return 0
@@ -163,14 +181,26 @@ def predict_main(argv: list[str]) -> int:
     per_photo = args.localize or args.explain
     out = Path(args.output or ("localization" if args.localize else "explanations" if args.explain
                                else "predictions.csv"))
-    if per_photo and out.exists() and not out.is_dir():
-        raise ConfigError(f"--output must be a folder with --localize/--explain: {out} is a file")
-    if not per_photo and out.is_dir():
-        raise ConfigError(f"--output must be a file path, {out} is a folder")
-    predictor = Predictor(args.checkpoint, args.device, args.batch_size, args.workers, args.threshold, args.engine)
+    # every output is checked before any work: writable, not an input, not the model, not a stranger's file
+    protected = [*paths, *model_files]
     if per_photo:
-        out.mkdir(parents=True, exist_ok=True)
-        return (_localize if args.localize else _explain)(predictor, paths, out, args)
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"--output must be a folder with --localize/--explain: {path_text(out)} is a file")
+        check_output_dir(out)
+        outputs = _photo_outputs(paths, out, args.localize)
+        for files in outputs:
+            for f in files:
+                check_output_file(f, protected)
+    else:
+        check_output_file(out, protected, ours=csv_starts_with(PREDICTIONS_HEADER))
+        check_output_file(out.with_suffix(".metrics.json"), protected, ours=json_with_keys("acc", "n", "threshold"))
+    if args.report:
+        check_output_dir(args.report, "--report")
+        for name in REPORT_FILES:
+            check_output_file(Path(args.report) / name, protected, "--report")
+    predictor = Predictor(checkpoint, args.device, args.batch_size, args.workers, args.threshold, args.engine)
+    if per_photo:
+        return (_localize if args.localize else _explain)(predictor, paths, outputs, out, args)
     rows = write_rows(predictor.iter_rows(paths), out)
     errors = [r for r in rows if r.error]
     names = predictor.class_names
@@ -209,31 +239,44 @@ def _unique_stem(path, used: set) -> str:
     return stem
 
 
-def _localize(predictor, paths, out_dir, args) -> int:
+REPORT_FILES = ("confusion_matrix.png", "roc.png", "precision_recall.png", "histogram.png", "mistakes.png",
+                "report.json")
+
+
+def _photo_outputs(paths, out_dir, localize: bool) -> list[tuple]:
+    """The files ``--localize`` (tiles CSV, heatmap; summary.csv) or ``--explain`` (Grad-CAM) will write per photo."""
+    used: set = set()
+    stems = [_unique_stem(p, used) for p in paths]
+    if localize:
+        return [(out_dir / f"{s}_tiles.csv", out_dir / f"{s}_heatmap.png") for s in stems] + \
+            [(out_dir / "summary.csv",)]
+    return [(out_dir / f"{s}_gradcam.png",) for s in stems]
+
+
+def _localize(predictor, paths, outputs, out_dir, args) -> int:
     from .images import BadImageError
     from .localize import localize, summary_row, write_heatmap, write_summary, write_tiles_csv
 
-    rows, used, failed = [], set(), 0
-    for path in paths:
-        stem = _unique_stem(path, used)
+    rows, failed = [], 0
+    for path, (tiles_csv, heatmap) in zip(paths, outputs):
         try:
             loc, image = localize(path, predictor, args.tile, args.stride or None, progress=True)
         except BadImageError as exc:
             failed += 1
             rows.append({"photo": str(path), "error": str(exc)})
-            print(f"  unreadable: {path}: {exc}", file=sys.stderr)
+            print(f"  unreadable: {path_text(path)}: {exc}", file=sys.stderr)
         else:
-            write_tiles_csv(loc, out_dir / f"{stem}_tiles.csv")
-            write_heatmap(loc, image, out_dir / f"{stem}_heatmap.png")
+            write_tiles_csv(loc, tiles_csv)
+            write_heatmap(loc, image, heatmap)
             row = summary_row(loc)
             rows.append(row)
-            print(f"{path}: {row['crack_tiles']}/{row['tiles']} crack tiles, {float(row['crack_fraction']):.1%} "
-                  f"of the surface -> {out_dir / (stem + '_heatmap.png')}")
+            print(f"{path_text(path)}: {row['crack_tiles']}/{row['tiles']} crack tiles, "
+                  f"{float(row['crack_fraction']):.1%} of the surface -> {path_text(heatmap)}")
         write_summary(rows, out_dir / "summary.csv")  # after every photo: an interruption keeps what is done
     return 1 if failed else 0
 
 
-def _explain(predictor, paths, out_dir, args) -> int:
+def _explain(predictor, paths, outputs, out_dir, args) -> int:
     import torch
 
     from .explain import explain_file
@@ -241,9 +284,8 @@ def _explain(predictor, paths, out_dir, args) -> int:
 
     if not isinstance(predictor.model, torch.nn.Module):
         raise ConfigError("--explain needs a PyTorch checkpoint (.pt/.ckpt), not an exported model")
-    used, failed = set(), 0
-    for path in paths:
-        out = out_dir / f"{_unique_stem(path, used)}_gradcam.png"
+    failed = 0
+    for path, (out,) in zip(paths, outputs):
         try:
             prob = explain_file(predictor.model, path, out)
         except BadImageError as exc:

@@ -8,6 +8,7 @@ run's outputs (``config.yaml``), and a run can be reproduced from it alone.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -186,8 +187,18 @@ def _validate(cfg: Config) -> None:
         "train.frozen.lr": cfg.train.frozen.lr, "train.finetune.lr": cfg.train.finetune.lr,
     }
     for key, v in positive.items():
-        if v <= 0:
+        if not v > 0:  # also refuses NaN
             raise ConfigError(f"{key}: must be > 0, got {v}")
+    floats = {"train.frozen.lr": cfg.train.frozen.lr, "train.finetune.lr": cfg.train.finetune.lr,
+              "train.frozen.weight_decay": cfg.train.frozen.weight_decay,
+              "train.finetune.weight_decay": cfg.train.finetune.weight_decay}
+    for key, v in floats.items():
+        if not math.isfinite(v) or v < 0:
+            raise ConfigError(f"{key}: must be a finite number >= 0, got {v}")
+    if not 0.0 <= cfg.model.drop_rate < 1.0:
+        raise ConfigError(f"model.drop_rate: must be in [0, 1), got {cfg.model.drop_rate}")
+    if cfg.model.image_size and not 16 <= cfg.model.image_size <= 4096:
+        raise ConfigError(f"model.image_size: must be 0 (the backbone's own) or 16-4096, got {cfg.model.image_size}")
     non_negative = {
         "data.num_workers": d.num_workers, "data.max_per_class": d.max_per_class,
         "train.frozen.epochs": cfg.train.frozen.epochs, "train.finetune.epochs": cfg.train.finetune.epochs,
@@ -221,14 +232,32 @@ def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (plain YAML silently keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"config key '{key}' appears twice (line {key_node.start_mark.line + 1}): "
+                                  "keep one")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        values = yaml.safe_load(path.read_text())
+        values = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not a UTF-8 text file (byte {exc.start}): save it as UTF-8") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from exc
     if values is None:
         return {}
     if not isinstance(values, dict):

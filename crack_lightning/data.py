@@ -170,19 +170,28 @@ def check_no_leak(records: list[Record]) -> None:
         raise DataError(f"{len(leaks)} identical image(s) appear in more than one split, e.g. {example[:3]}")
 
 
-def write_split_csv(records: list[Record], path: Path, class_names: Sequence[str]) -> None:
-    from .io import atomic_write
+SPLIT_CSV_HEADER = ["path", "label", "class_name", "split", "sha256"]
 
-    with atomic_write(path, "w", newline="") as f:
+
+def write_split_csv(records: list[Record], path: Path, class_names: Sequence[str]) -> None:
+    """Every image with its label, split and hash. UTF-8; a path that is not valid UTF-8 is
+    written with ``\\xNN`` escapes and a cell a spreadsheet would run gets a leading ``'``
+    (:mod:`crack_lightning.io`); :func:`read_split_csv` undoes both."""
+    from .io import atomic_write, csv_path, csv_text
+
+    with atomic_write(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["path", "label", "class_name", "split", "sha256"])
+        w.writerow(SPLIT_CSV_HEADER)
         for r in records:
-            w.writerow([r.path, r.label, class_names[r.label], r.split, r.sha256])
+            w.writerow([csv_path(r.path), r.label, csv_text(class_names[r.label]), r.split, r.sha256])
 
 
 def read_split_csv(path: Path) -> list[Record]:
-    with open(path, newline="") as f:
-        return [Record(row["path"], int(row["label"]), row["sha256"], row["split"]) for row in csv.DictReader(f)]
+    from .io import path_from_csv
+
+    with open(path, newline="", encoding="utf-8") as f:
+        return [Record(path_from_csv(row["path"]), int(row["label"]), row["sha256"], row["split"])
+                for row in csv.DictReader(f)]
 
 
 def subsample(records: list[Record], max_per_class: int, seed: int) -> list[Record]:

@@ -16,7 +16,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from .images import decode_image  # noqa: E402
-from .io import atomic_write  # noqa: E402
+from .io import atomic_write, path_text  # noqa: E402
 from .model import CrackClassifier  # noqa: E402
 from .transforms import eval_transform  # noqa: E402
 
@@ -47,7 +47,7 @@ def explain_file(model: CrackClassifier, path: str | Path, out_path: str | Path)
     verdict = names[int(prob >= float(model.threshold))]
     fig, axes = plt.subplots(1, 2, figsize=(8, 4.3))
     axes[0].imshow(shown)
-    axes[0].set_title(Path(path).name, fontsize=9)
+    axes[0].set_title(path_text(Path(path).name), fontsize=9)
     axes[1].imshow(shown)
     im = axes[1].imshow(cam, cmap="jet", alpha=0.45, vmin=0, vmax=1)
     axes[1].set_title(f"Grad-CAM: {verdict} (p={prob:.3f})", fontsize=9)

@@ -6,10 +6,15 @@ and the refusal of broken or hostile files behave the same everywhere.
 """
 from __future__ import annotations
 
+import contextlib
 import io
+import os
+import sys
+import tempfile
+import threading
 import warnings
 from pathlib import Path
-from typing import Union
+from typing import Iterator, Union
 
 import cv2
 import numpy as np
@@ -18,6 +23,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 MAX_PIXELS = 200_000_000  # ~14k x 14k: far above any camera photo, far below what exhausts memory
 MIN_SIDE = 16
+# Pillow's own bomb guard warns at MAX_IMAGE_PIXELS (89.5 MP by default) and we turn that warning into a
+# refusal: align it with ours so that the documented limit is the real one (callers may ask for less)
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+_JPEG_WARNING = ("Corrupt JPEG data", "Premature end of JPEG", "Invalid JPEG", "Bogus", "JPEG datastream")
+_STDERR_LOCK = threading.Lock()
 
 
 class BadImageError(ValueError):
@@ -50,6 +60,8 @@ def open_image(source: Source, max_pixels: int = MAX_PIXELS) -> Image.Image:
         raise BadImageError("permission denied") from exc
     except OSError as exc:
         raise BadImageError(f"cannot open: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - a hostile header can raise anything in a plugin (ValueError, struct.error...)
+        raise BadImageError(f"malformed image header: {exc.__class__.__name__}: {exc}") from exc
     w, h = img.size
     if w * h > max_pixels:
         img.close()
@@ -70,6 +82,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
         img = Image.fromarray(np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
     elif img.mode == "F":
         arr = np.asarray(img, dtype=np.float32)
+        if not np.isfinite(arr).all():
+            raise BadImageError("floating-point image holds NaN or infinite pixel values")
         img = Image.fromarray(np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8), "L")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA")
@@ -93,18 +107,54 @@ def _decode_plain_jpeg(img: Image.Image, source: Source) -> np.ndarray | None:
     return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
 
 
+@contextlib.contextmanager
+def _decoder_messages() -> Iterator[list[str]]:
+    """Collect what C decoders print to stderr while decoding (libjpeg reports corrupt data
+    only there, as a warning, and fills the missing part in). File descriptor 2 is
+    process-wide, so one thread at a time; lines that are not a decoder's go back to stderr."""
+    messages: list[str] = []
+    with _STDERR_LOCK, tempfile.TemporaryFile() as tmp:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield messages
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            lines = tmp.read().decode("utf-8", "replace").splitlines()
+            messages += [ln for ln in lines if any(w in ln for w in _JPEG_WARNING)]
+            other = [ln for ln in lines if ln.strip() and ln not in messages]
+            if other:
+                sys.stderr.write("\n".join(other) + "\n")
+
+
 def decode_image(source: Source, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Read a file path or a file's bytes as an ``HxWx3`` uint8 RGB array, or raise
-    :class:`BadImageError`."""
+    :class:`BadImageError`. No other exception escapes: whatever a damaged file makes a
+    decoder raise, and JPEG data a decoder had to patch over, are that file's error."""
     img = open_image(source, max_pixels)
     try:
         with img:
-            fast = _decode_plain_jpeg(img, source)
-            if fast is not None:
-                return fast
-            img.load()
-            return np.asarray(to_rgb(img))
+            if img.format == "JPEG":
+                with _decoder_messages() as messages:
+                    out = _decode(img, source)
+                if messages:
+                    raise BadImageError(f"corrupt JPEG data ({messages[0].strip()})")
+                return out
+            return _decode(img, source)
     except BadImageError:
         raise
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise BadImageError(f"corrupt or truncated image: {exc}") from exc
+    except MemoryError as exc:
+        raise BadImageError("image too large to decode in the memory available") from exc
+    except Exception as exc:  # noqa: BLE001 - OSError, SyntaxError, ValueError, struct.error, ... from a damaged file
+        raise BadImageError(f"corrupt or truncated image: {exc.__class__.__name__}: {exc}") from exc
+
+
+def _decode(img: Image.Image, source: Source) -> np.ndarray:
+    fast = _decode_plain_jpeg(img, source)
+    if fast is not None:
+        return fast
+    img.load()
+    return np.asarray(to_rgb(img))

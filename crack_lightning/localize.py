@@ -23,7 +23,7 @@ from PIL import Image  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from .images import decode_image  # noqa: E402
-from .io import atomic_write  # noqa: E402
+from .io import atomic_write, csv_path, csv_text, path_text  # noqa: E402
 from .transforms import eval_transform  # noqa: E402
 
 TRAINING_TILE = 227  # the Mendeley patches were cut at this size from 4032x3024 photos
@@ -107,7 +107,7 @@ def localize_array(image: np.ndarray, predictor, tile: int = TRAINING_TILE, stri
 
 
 def write_tiles_csv(loc: Localization, path: Path) -> None:
-    with atomic_write(path, "w", newline="") as f:
+    with atomic_write(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["x", "y", "width", "height", "probability"])
         for t in loc.tiles:
@@ -146,7 +146,7 @@ def write_heatmap(loc: Localization, image: np.ndarray, path: Path, max_side: in
     if heat.max() >= loc.threshold > heat.min():
         ax.contour(heat, levels=[loc.threshold], colors="yellow", linewidths=1.2)
     ax.set_axis_off()
-    ax.set_title(f"{Path(loc.photo).name}: {len(loc.crack_tiles)} of {len(loc.tiles)} tiles crack, "
+    ax.set_title(f"{path_text(Path(loc.photo).name)}: {len(loc.crack_tiles)} of {len(loc.tiles)} tiles crack, "
                  f"{loc.crack_fraction():.1%} of the surface (yellow line: threshold {loc.threshold:.2f})",
                  fontsize=10)
     sm = plt.cm.ScalarMappable(cmap=matplotlib.colors.LinearSegmentedColormap.from_list(
@@ -171,7 +171,7 @@ def summary_row(loc: Localization) -> dict:
 
 
 def write_summary(rows: list[dict], path: Path) -> None:
-    with atomic_write(path, "w", newline="") as f:
+    with atomic_write(path, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=SUMMARY_FIELDS)
         w.writeheader()
-        w.writerows(rows)
+        w.writerows({**row, "photo": csv_path(row["photo"]), "error": csv_text(row.get("error", ""))} for row in rows)

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from .checkpoint import load_model
 from .data import make_loader
 from .images import MAX_PIXELS, BadImageError, decode_image, is_image_file
-from .io import atomic_write
+from .io import atomic_write, csv_path, csv_text
 from .metrics import binary_metrics
 from .transforms import Preprocessing, eval_transform, stack_uint8
 
@@ -140,6 +140,13 @@ class Predictor:
 
     def __post_init__(self) -> None:
         self.on_gpu = str(self.device).startswith("cuda")
+        kind, _, index = str(self.device).partition(":")
+        if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
+            raise InputError(f"--device must be cpu, cuda or cuda:N, got {self.device!r}")
+        if self.on_gpu and not torch.cuda.is_available():
+            raise InputError(f"--device {self.device}: no CUDA GPU is available on this machine; use --device cpu")
+        if self.on_gpu and index and int(index) >= torch.cuda.device_count():
+            raise InputError(f"--device {self.device}: no such GPU (this machine has {torch.cuda.device_count()})")
         if self.batch_size <= 0:
             self.batch_size = 256 if self.on_gpu else 32
         if self.num_workers < 0:
@@ -154,8 +161,10 @@ class Predictor:
             self.model = load_model(self.checkpoint, self.device).to(memory_format=torch.channels_last)
             self.pre, self.class_names = self.model.pre, list(self.model.hparams.class_names)
             stored = float(self.model.threshold)
-        if self.threshold is None:
-            self.threshold = stored
+        if self.threshold is None:  # a stored threshold is only used once it is known to be sane
+            from .checkpoint import check_threshold
+
+            self.threshold = check_threshold(stored, self.checkpoint)
         if self.engine not in ("auto", "torch", "onnx"):
             raise ValueError(f"engine must be auto, torch or onnx, got {self.engine!r}")
         self._run = None
@@ -232,16 +241,21 @@ class Predictor:
         return Row(str(path), prob, label, self.class_names[truth] if truth is not None else "", error)
 
 
+PREDICTIONS_HEADER = ["path", "probability", "label", "true_label", "correct", "error"]
+
+
 def write_rows(rows: Iterable[Row], path: str | Path) -> list[Row]:
-    """Write the prediction CSV atomically; return the rows."""
+    """Write the prediction CSV atomically (UTF-8; paths and text cells as :func:`~crack_lightning.io.csv_path`
+    writes them); return the rows."""
     rows = list(rows)
-    with atomic_write(path, "w", newline="") as f:
+    with atomic_write(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["path", "probability", "label", "true_label", "correct", "error"])
+        w.writerow(PREDICTIONS_HEADER)
         for r in rows:
             correct = "" if not r.true_label or r.probability is None else int(r.label == r.true_label)
             prob = "" if r.probability is None else f"{r.probability:.6f}"
-            w.writerow([r.path, prob, r.label, r.true_label, correct, r.error])
+            w.writerow([csv_path(r.path), prob, csv_text(r.label), csv_text(r.true_label), correct,
+                        csv_text(r.error)])
     return rows
 
 

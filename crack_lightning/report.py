@@ -18,7 +18,7 @@ import torch  # noqa: E402
 from torchmetrics.functional.classification import binary_precision_recall_curve, binary_roc  # noqa: E402
 
 from .images import BadImageError, decode_image  # noqa: E402
-from .io import atomic_write, write_json  # noqa: E402
+from .io import atomic_write, path_text, write_json  # noqa: E402
 from .metrics import binary_metrics  # noqa: E402
 
 
@@ -37,7 +37,7 @@ def make_report(paths: Sequence[str], probs: Sequence[float], labels: Sequence[i
     y = torch.tensor(list(labels), dtype=torch.long)
     m = binary_metrics(p, y, threshold)
     neg, pos = class_names
-    suffix = f" — {title}" if title else ""
+    suffix = f" — {path_text(title)}" if title else ""
 
     # confusion matrix
     cm = np.array([[m["tn"], m["fp"]], [m["fn"], m["tp"]]])
@@ -108,7 +108,7 @@ def make_report(paths: Sequence[str], probs: Sequence[float], labels: Sequence[i
             ax.imshow(decode_image(paths[i]))
         except BadImageError:
             pass
-        ax.set_title(f"true {class_names[int(y[i])]}\np={float(p[i]):.3f}\n{Path(paths[i]).name}", fontsize=8)
+        ax.set_title(f"true {class_names[int(y[i])]}\np={float(p[i]):.3f}\n{path_text(Path(paths[i]).name)}", fontsize=8)
     if not shown:
         axes[0, 0].text(0.5, 0.5, "no mistakes", ha="center", va="center", fontsize=14)
     fig.suptitle(f"Worst mistakes ({len(wrong)} in all){suffix}", fontsize=11)

@@ -28,6 +28,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.model_summary import ModelSummary
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -37,7 +39,7 @@ from .config import Config, ConfigError, dump_yaml
 from .console import ProgressBar, quiet_lightning
 from .data import (CrackDataModule, Record, TensorItems, check_no_leak, class_counts, label_conflicts,
                    read_split_csv, scan, split_records, subsample, write_split_csv)
-from .io import atomic_write, write_json, write_text
+from .io import atomic_write, csv_path, csv_text, path_text, write_json, write_text
 from .model import CrackClassifier
 
 RUN_NAME_ENV = "CRACK_LIGHTNING_RUN_NAME"  # shared by all DDP processes of one run
@@ -55,12 +57,19 @@ def run_dir_for(cfg: Config) -> Path:
 
 
 def check_run_dir(run_dir: Path, resume: bool) -> None:
-    """Refuse to overwrite an earlier run, or to resume one that is not there; check we can write."""
+    """Refuse to overwrite an earlier run, to resume one that is not there, or to write into a
+    folder that is not a run; check we can write."""
     started = (run_dir / "config.yaml").is_file()
     if resume and not started:
-        raise ConfigError(f"--resume: no run to continue in {run_dir}")
+        raise ConfigError(f"--resume: no run to continue in {path_text(run_dir)}")
     if not resume and started:
-        raise ConfigError(f"{run_dir} already holds a run: add --resume to continue it, or choose another --run_name")
+        raise ConfigError(f"{path_text(run_dir)} already holds a run: add --resume to continue it, or choose another "
+                          "--run_name")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"{path_text(run_dir)} is a file, not a run folder: choose another --run_name")
+    if not started and run_dir.is_dir() and any(p.name != LOCK_NAME for p in run_dir.iterdir()):
+        raise ConfigError(f"{path_text(run_dir)} exists and is not a run (it holds other files): refusing to write "
+                          "into it; choose another --run_name or output_dir")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write_test"
@@ -68,6 +77,61 @@ def check_run_dir(run_dir: Path, resume: bool) -> None:
         probe.unlink()
     except OSError as exc:
         raise ConfigError(f"cannot write to the output folder {run_dir}: {exc.strerror or exc}") from exc
+
+
+LOCK_NAME = ".lock"
+
+
+class RunLock:
+    """One run per folder at a time: ``run_dir/.lock`` names the holder (host, process, start).
+
+    Taken atomically (``O_EXCL``); a lock whose process is gone (same host) is stale and taken
+    over. Released when the run ends, however it ends (a ``kill -9`` leaves a stale lock).
+    """
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / LOCK_NAME
+        self.held = False
+
+    def acquire(self) -> None:
+        import json
+        import socket
+
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": dt.datetime.now().isoformat(timespec="seconds")}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    holder = json.loads(self.path.read_text())
+                except (OSError, ValueError):
+                    holder = {}
+                if holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) and \
+                        not _alive(holder["pid"]):
+                    self.path.unlink(missing_ok=True)  # stale: its process is gone
+                    continue
+                raise ConfigError(f"{path_text(self.path.parent)} is in use by another run (process "
+                                  f"{holder.get('pid', '?')} on {holder.get('host', '?')} since "
+                                  f"{holder.get('since', '?')}); wait for it or choose another --run_name")
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class InterruptNotice(Callback):
@@ -121,6 +185,70 @@ class EpochTimer(Callback):
         self._close(trainer)
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written like every other output: a temporary file in the checkpoint's own
+    folder, fsync, rename. Lightning's own atomic save writes the temporary file under $TMPDIR;
+    on another file system the rename fails and it falls back to copying over the old file,
+    which an interruption or a full disk leaves torn."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        with atomic_write(path, "wb") as f:
+            torch.save(checkpoint, f)
+
+
+class HistoryCSVLogger(CSVLogger):
+    """CSVLogger that continues ``metrics.csv`` when a run resumes (Lightning's deletes it):
+    rows up to the resumed epoch are kept, later ones (logged after that checkpoint) dropped."""
+
+    def __init__(self, *args, keep_until_epoch: int = -1, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.keep_until_epoch = keep_until_epoch
+
+    @property
+    @rank_zero_experiment
+    def experiment(self):
+        if self._experiment is None:
+            path = Path(self.log_dir) / "metrics.csv"
+            kept: list[dict] = []
+            if self.keep_until_epoch >= 0 and path.is_file():
+                with open(path, newline="") as f:
+                    kept = [r for r in csv.DictReader(f) if _epoch(r) <= self.keep_until_epoch]
+            writer = super().experiment  # deletes the old file
+            if kept:
+                writer.metrics_keys = sorted({k for r in kept for k in r})
+                with atomic_write(path, "w", newline="") as f:
+                    w = csv.DictWriter(f, fieldnames=writer.metrics_keys)
+                    w.writeheader()
+                    w.writerows(kept)
+            return writer
+        return self._experiment
+
+
+def _epoch(row: dict) -> int:
+    try:
+        return int(float(row.get("epoch") or -1))
+    except ValueError:
+        return -1
+
+
+def newest_readable(paths: list[Path]) -> tuple[Path | None, list[str]]:
+    """The checkpoint with the most training in it among ``paths`` that can be read, and what
+    was wrong with the others (a torn or empty file)."""
+    best, best_key, problems = None, None, []
+    for p in paths:
+        if not p.is_file():
+            continue
+        try:
+            ckpt = read_checkpoint(p)
+        except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is skipped and reported
+            problems.append(f"{path_text(p)}: {exc}")
+            continue
+        key = (int(ckpt.get("epoch", -1)), int(ckpt.get("global_step", -1)))
+        if best_key is None or key > best_key:
+            best, best_key = p, key
+    return best, problems
+
+
 def build_model(cfg: Config) -> CrackClassifier:
     m, t = cfg.model, cfg.train
     return CrackClassifier(
@@ -145,26 +273,44 @@ def prepare_data(cfg: Config, run_dir: Path, resume: bool) -> list[Record]:
     d = cfg.data
     records, bad = scan(d.root, d.class_names, d.bad_images, workers=max(1, d.num_workers))
     conflicts = label_conflicts(records)
-    if bad or conflicts:
-        with atomic_write(run_dir / "bad_images.csv", "w", newline="") as f:
+    skipped = bad + [(r.path, "identical copy exists under the other class") for r in conflicts]
+    if skipped:
+        with atomic_write(run_dir / "bad_images.csv", "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(["path", "reason"])
-            w.writerows(bad)
-            w.writerows((r.path, "identical copy exists under the other class") for r in conflicts)
-        print(f"skipped {len(bad) + len(conflicts)} unusable file(s); see {run_dir / 'bad_images.csv'}")
+            w.writerows((csv_path(p), csv_text(reason)) for p, reason in skipped)
+        print(f"skipped {len(skipped)} unusable file(s) (listed in {path_text(run_dir / 'bad_images.csv')}), e.g.:")
+        for p, reason in skipped[:3]:
+            print(f"  {path_text(p)}: {reason}")
     if all(r.split for r in records):
+        conflicted = {r.path for r in conflicts}
+        records = [r for r in records if r.path not in conflicted]
         check_no_leak(records)
     else:
         records = split_records(records, d.val_fraction, d.test_fraction, d.seed)
     records = subsample(records, d.max_per_class, d.seed)
-    if not any(r.split == "train" for r in records) or not any(r.split == "val" for r in records):
-        from .data import DataError
-
-        raise DataError("too few images to make train and validation splits; add images or change the fractions")
+    check_trainable(records, d.class_names, need_test=d.test_fraction > 0 or all(r.split for r in records),
+                    skipped=len(skipped))
     if is_global_zero():
         write_split_csv(records, split_csv, d.class_names)
         print(split_summary(records, d.class_names) + f" -> {split_csv}")
     return records
+
+
+def check_trainable(records: list[Record], class_names: list[str], need_test: bool, skipped: int = 0) -> None:
+    """Refuse, before any training, data that cannot make an honest model: every split needs
+    both classes (what is left after bad files and label conflicts are removed)."""
+    counts = class_counts(records)
+    needed = ("train", "val", "test") if need_test else ("train", "val")
+    short = [s for s in needed if any(counts.get(s, {}).get(k, 0) == 0 for k in range(len(class_names)))]
+    if short:
+        from .data import DataError
+
+        have = "; ".join(f"{s}: " + ", ".join(f"{counts.get(s, {}).get(k, 0)} {n}" for k, n in enumerate(class_names))
+                         for s in needed)
+        raise DataError(f"too few usable images: split(s) {', '.join(short)} lack a class ({have}"
+                        f"{f'; {skipped} file(s) skipped as unusable or conflicting' if skipped else ''}). "
+                        "Training needs both classes in train, validation and test: add images or change the fractions")
 
 
 def split_summary(records: list[Record], class_names: list[str]) -> str:
@@ -218,7 +364,8 @@ def compute_features(extract, loader: DataLoader, desc: str) -> TensorItems:
     return TensorItems(torch.cat(feats), torch.cat(labels))
 
 
-def make_trainer(cfg: Config, run_dir: Path, stage: str | None, epochs: int = 1, patience: int = 3) -> L.Trainer:
+def make_trainer(cfg: Config, run_dir: Path, stage: str | None, epochs: int = 1, patience: int = 3,
+                 keep_until_epoch: int = -1) -> L.Trainer:
     t = cfg.trainer
     callbacks: list[Any] = [ProgressBar()] if t.enable_progress_bar else []
     logger: Any = False
@@ -232,8 +379,8 @@ def make_trainer(cfg: Config, run_dir: Path, stage: str | None, epochs: int = 1,
             EarlyStopping(monitor=cfg.train.monitor, mode=mode, patience=patience),
             InterruptNotice(run_dir),
         ]
-        logger = CSVLogger(run_dir, name="logs", version=stage)
-    return L.Trainer(
+        logger = HistoryCSVLogger(run_dir, name="logs", version=stage, keep_until_epoch=keep_until_epoch)
+    return L.Trainer(plugins=[AtomicCheckpointIO()], 
         accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, precision=t.precision,
         num_nodes=t.num_nodes, max_epochs=epochs, log_every_n_steps=t.log_every_n_steps,
         limit_train_batches=t.limit_train_batches, limit_val_batches=t.limit_val_batches,
@@ -278,10 +425,16 @@ def run_stage(cfg: Config, model: CrackClassifier, dm: CrackDataModule, run_dir:
     model.freeze_backbone(stage == "frozen")
     model.lr, model.weight_decay = sc.lr, sc.weight_decay
     epochs = min(sc.epochs, cfg.trainer.max_epochs) if cfg.trainer.max_epochs > 0 else sc.epochs
-    trainer = make_trainer(cfg, run_dir, stage, epochs, sc.patience)
-    last = run_dir / "checkpoints" / stage / "last.ckpt"
-    resume_from = last if resume and last.is_file() else None
+    folder = run_dir / "checkpoints" / stage
+    resume_from = None
+    if resume:
+        resume_from, problems = newest_readable([folder / "last.ckpt", folder / "best.ckpt"])
+        for problem in problems:
+            print(f"warning: skipping a damaged checkpoint: {problem}", file=sys.stderr)
+        if problems and resume_from:
+            print(f"resuming stage {stage} from {path_text(resume_from)}", file=sys.stderr)
     start_epoch = int(read_checkpoint(resume_from).get("epoch", -1)) + 1 if resume_from else 0
+    trainer = make_trainer(cfg, run_dir, stage, epochs, sc.patience, keep_until_epoch=start_epoch - 1)
     trainer.fit(model, datamodule=dm, ckpt_path=str(resume_from) if resume_from else None)
     ckpt_cb = trainer.checkpoint_callback
     best = ckpt_cb.best_model_path or ckpt_cb.last_model_path
@@ -300,14 +453,15 @@ def run_stage(cfg: Config, model: CrackClassifier, dm: CrackDataModule, run_dir:
 def write_predictions(path: Path, records: list[Record], result: dict, class_names: list[str]) -> None:
     """Label-vs-prediction table of the test split."""
     thr = result["metrics"]["threshold"]
-    with atomic_write(path, "w", newline="") as f:
+    with atomic_write(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["path", "label", "probability", "prediction", "correct"])
         rows = sorted(zip(result["index"].tolist(), result["probs"].tolist()), key=lambda t: records[t[0]].path)
         for i, p in rows:
             r = records[i]
             pred = int(p >= thr)
-            w.writerow([r.path, class_names[r.label], f"{p:.6f}", class_names[pred], int(pred == r.label)])
+            w.writerow([csv_path(r.path), csv_text(class_names[r.label]), f"{p:.6f}", csv_text(class_names[pred]),
+                        int(pred == r.label)])
 
 
 def train(cfg: Config, resume: bool = False) -> dict:
@@ -317,17 +471,30 @@ def train(cfg: Config, resume: bool = False) -> dict:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     run_dir = run_dir_for(cfg)
     created = not run_dir.exists()
-    if is_global_zero():
-        check_run_dir(run_dir, resume)
-        print(f"run folder: {run_dir}")
+    lock = RunLock(run_dir)
     try:
+        if is_global_zero():
+            if not run_dir.exists():
+                try:
+                    run_dir.mkdir(parents=True)
+                except FileExistsError:  # another run just made it: the lock decides
+                    pass
+                except OSError as exc:
+                    raise ConfigError(f"cannot write to the output folder {path_text(run_dir)}: "
+                                      f"{exc.strerror or exc}") from exc
+            lock.acquire()  # first: a run in progress is reported as such, whatever its folder holds yet
+            check_run_dir(run_dir, resume)
+            print(f"run folder: {path_text(run_dir)}")
         return _train(cfg, run_dir, resume, start)
     except BaseException:
         # a run that stopped before its first checkpoint (a crash, a bad file, Ctrl+C) has nothing
         # to resume: leave no folder behind that would block re-running under the same name
-        if created and is_global_zero() and not any(run_dir.glob("checkpoints/*/*.ckpt")):
+        if created and lock.held and not any(run_dir.glob("checkpoints/*/*.ckpt")):
+            lock.release()
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
+    finally:
+        lock.release()
 
 
 def _train(cfg: Config, run_dir: Path, resume: bool, start: float) -> dict:
