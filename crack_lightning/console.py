@@ -30,6 +30,9 @@ _IGNORED_WARNINGS = (
     r"Using `DistributedSampler` with the dataloaders",
     # a deprecation inside Lightning's all_gather, not in anything this project calls
     r"torch.distributed.nn.functional.all_gather is deprecated",
+    # --resume: HistoryCSVLogger keeps the earlier rows; the folders are the run's own
+    r"Experiment logs directory .* exists and is not empty",
+    r"Checkpoint directory .* exists and is not empty",
     # loaders are sized by data.num_workers, capped at the cores there are
     r"The '\w+_dataloader' does not have many workers",
 )

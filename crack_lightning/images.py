@@ -28,6 +28,8 @@ MIN_SIDE = 16
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 _JPEG_WARNING = ("Corrupt JPEG data", "Premature end of JPEG", "Invalid JPEG", "Bogus", "JPEG datastream")
 _STDERR_LOCK = threading.Lock()
+# a damaged EXIF block makes Pillow warn once per bad tag; the image is judged on its pixels
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.TiffImagePlugin")
 
 
 class BadImageError(ValueError):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import csv
 import datetime as dt
+import io
 import os
 import platform
 import shutil
@@ -51,7 +52,10 @@ def is_global_zero() -> bool:
 
 
 def run_dir_for(cfg: Config) -> Path:
-    name = cfg.run_name or os.environ.get(RUN_NAME_ENV) or dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    """The run's folder. A DDP worker process (``LOCAL_RANK`` set by Lightning's launcher) takes the
+    name its launcher chose, so that a timestamped name is the same in every process."""
+    inherited = os.environ.get(RUN_NAME_ENV) if "LOCAL_RANK" in os.environ else None
+    name = cfg.run_name or inherited or dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     os.environ[RUN_NAME_ENV] = name
     return Path(cfg.output_dir) / name
 
@@ -192,8 +196,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     which an interruption or a full disk leaves torn."""
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        buf = io.BytesIO()  # serialised first: torch's zip writer turns a failing write into a RuntimeError
+        torch.save(checkpoint, buf)
         with atomic_write(path, "wb") as f:
-            torch.save(checkpoint, f)
+            f.write(buf.getbuffer())
 
 
 class HistoryCSVLogger(CSVLogger):
