@@ -107,7 +107,7 @@ def compare(eager: dict, compiled: dict) -> None:
 def table(results: dict) -> str:
     hw = results["hardware"]
     where = hw["gpu"] or f"{hw['machine']} CPU, {hw['torch_threads']} torch threads"
-    md = [f"torch.compile (mode {results['compile_mode']}) vs eager, model alone on random tensors: {where}, "
+    md = [f"torch.compile (mode {results['compile_mode']}, backend {results['compile_backend']}) vs eager, model alone on random tensors: {where}, "
           f"torch {hw['torch']}, {results['image_size']} px, batch {results['batch']}, {results['precision']}, "
           f"channels_last, {results['steps']} timed calls, {results['compile_cache']} compile cache\n",
           "| row | img/s | first call, s | new batch shape, s | vs eager | pays back after (images) |",
@@ -128,6 +128,9 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=0, help="0: 32 on a CPU, 256 on a GPU (what predict.py uses)")
     ap.add_argument("--steps", type=int, default=0, help="timed calls per row; 0: 20 on a CPU, 50 on a GPU")
     ap.add_argument("--mode", default="default", help="torch.compile mode (default, reduce-overhead, ...)")
+    ap.add_argument("--backend", default="inductor",
+                    help="torch.compile backend (inductor: the real measurement; aot_eager: checks this script "
+                         "without a C++ compile, as the test suite does)")
     ap.add_argument("--rows", nargs="+", choices=("inference", "training"), default=["inference", "training"])
     ap.add_argument("--warm-cache", action="store_true",
                     help="keep torch.compile's on-disk caches (default: empty ones, what a first run pays)")
@@ -152,7 +155,7 @@ def main() -> int:
           "torch_threads": torch.get_num_threads(), "gpu": torch.cuda.get_device_name(device) if gpu else None,
           "torch": torch.__version__}
     results = {"hardware": hw, "device": str(device), "batch": batch, "image_size": size, "steps": steps,
-               "compile_mode": args.mode,
+               "compile_mode": args.mode, "compile_backend": args.backend,
                "compile_cache": "warm" if args.warm_cache else "cold", "precision": "bf16 autocast" if gpu else "fp32", "rows": {}}
     rows = results["rows"]
     for kind, make in (("inference", inference_steps), ("training", training_steps)):
@@ -161,7 +164,7 @@ def main() -> int:
         for how in ("eager", "compiled"):
             net = fresh_net(Path(args.checkpoint), device, train=kind == "training")
             if how == "compiled":
-                net = torch.compile(net, mode=args.mode)
+                net = torch.compile(net, mode=args.mode, backend=args.backend)
             try:
                 rows[f"{kind}, {how}"] = measure(make(net, device), x, partial, steps, device)
             except Exception as exc:  # e.g. no working compiler/Triton: a finding, not a crash of the run

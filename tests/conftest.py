@@ -1,7 +1,10 @@
 """Shared fixtures: small generated image folders and one tiny trained run reused by several tests."""
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -44,6 +47,28 @@ def run_cli(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: int 
                           timeout=timeout)
 
 
+def run_main(script: str, *args: str) -> subprocess.CompletedProcess:
+    """Run ``train.py`` / ``predict.py`` in this process, exactly as the script does (``guarded``):
+    the exit code and what the user reads, without a Python start-up per check. Cases that need
+    a real process (signals, DDP, environment read at import) use :func:`run_cli`."""
+    from crack_lightning.cli import guarded, predict_main, train_main
+
+    main = {"train.py": train_main, "predict.py": predict_main}[Path(script).name]
+    out, err = io.StringIO(), io.StringIO()
+    cwd, sigterm = os.getcwd(), signal.getsignal(signal.SIGTERM)
+    os.chdir(ROOT)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = guarded(lambda: main([str(a) for a in args]))
+            except SystemExit as exc:  # argparse's usage errors
+                code = exc.code
+    finally:
+        os.chdir(cwd)
+        signal.signal(signal.SIGTERM, sigterm)
+    return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
+
+
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     return make_folder(tmp_path / "data")
@@ -53,7 +78,7 @@ def image_folder(tmp_path: Path) -> Path:
 def trained_run(tmp_path_factory) -> Path:
     """One real (tiny) training run on the bundled Mendeley sample, shared by prediction/export tests."""
     out = tmp_path_factory.mktemp("runs")
-    res = run_cli(str(ROOT / "train.py"), "--config", str(ROOT / "configs/quickstart.yaml"),
+    res = run_main("train.py", "--config", str(ROOT / "configs/quickstart.yaml"),
                   "--data.root", str(SAMPLE), "--output_dir", str(out), "--run_name", "tiny",
                   "--train.frozen.epochs", "6", "--model.image_size", "128",
                   "--trainer.enable_progress_bar", "false")

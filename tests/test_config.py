@@ -2,7 +2,7 @@ import pytest
 import yaml
 
 from crack_lightning.config import ConfigError, dump_yaml, load_config, parse_overrides
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_main
 
 
 def write(tmp_path, text):
@@ -70,16 +70,16 @@ def test_dump_roundtrip():
 
 
 def test_cli_print_config_and_errors():
-    res = run_cli("train.py", "--config", "configs/quickstart.yaml", "--print_config", "--data.batch_size", "7")
+    res = run_main("train.py", "--config", "configs/quickstart.yaml", "--print_config", "--data.batch_size", "7")
     assert res.returncode == 0, res.stderr
     assert yaml.safe_load(res.stdout)["data"]["batch_size"] == 7
-    res = run_cli("train.py", "--config", "configs/quickstart.yaml", "--data.bogus", "1")
+    res = run_main("train.py", "--config", "configs/quickstart.yaml", "--data.bogus", "1")
     assert res.returncode == 2
     assert res.stderr.strip() == ("error: unknown config key 'data.bogus' (valid keys here: augment, bad_images, "
                                   "batch_size, class_names, max_per_class, num_workers, prefetch_factor, root, "
                                   "seed, test_fraction, val_fraction)")
     assert "Traceback" not in res.stderr
-    res = run_cli("train.py", "--config", "configs/nope.yaml")
+    res = run_main("train.py", "--config", "configs/nope.yaml")
     assert res.returncode == 2 and "config file not found: configs/nope.yaml" in res.stderr
 
 

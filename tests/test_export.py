@@ -10,13 +10,13 @@ import torch
 from crack_lightning.checkpoint import load_model
 from crack_lightning.images import decode_image
 from crack_lightning.transforms import preprocess_batch
-from conftest import SAMPLE, run_cli
+from conftest import SAMPLE, run_main
 
 
 @pytest.fixture(scope="module")
 def exported(trained_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("export")
-    res = run_cli("predict.py", "--checkpoint", str(trained_run / "checkpoints/frozen/best.ckpt"), "--export", str(out))
+    res = run_main("predict.py", "--checkpoint", str(trained_run / "checkpoints/frozen/best.ckpt"), "--export", str(out))
     assert res.returncode == 0, res.stderr
     return out
 
@@ -45,9 +45,9 @@ def test_exported_models_match_pytorch(trained_run, exported):
 
 def test_predict_with_onnx_matches_pytorch(trained_run, exported, tmp_path):
     args = [str(SAMPLE / "Positive"), "--workers", "0"]
-    assert run_cli("predict.py", "--checkpoint", str(exported / "model.onnx"), *args,
+    assert run_main("predict.py", "--checkpoint", str(exported / "model.onnx"), *args,
                    "--output", str(tmp_path / "onnx.csv")).returncode == 0
-    assert run_cli("predict.py", "--checkpoint", str(trained_run / "checkpoints/frozen/best.ckpt"), *args,
+    assert run_main("predict.py", "--checkpoint", str(trained_run / "checkpoints/frozen/best.ckpt"), *args,
                    "--output", str(tmp_path / "torch.csv"), "--engine", "torch").returncode == 0
 
     def probs(name):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, make_folder, run_cli
+from conftest import ROOT, make_folder, run_main
 
 TINY = ["--config", "configs/quickstart.yaml", "--model.pretrained", "none", "--model.image_size", "32",
         "--data.num_workers", "0", "--data.batch_size", "4", "--trainer.enable_progress_bar", "false",
@@ -19,7 +19,7 @@ TINY = ["--config", "configs/quickstart.yaml", "--model.pretrained", "none", "--
 
 
 def train(tmp_path, data, *extra, **kw):
-    return run_cli("train.py", *TINY, "--data.root", str(data), "--output_dir", str(tmp_path / "runs"), *extra, **kw)
+    return run_main("train.py", *TINY, "--data.root", str(data), "--output_dir", str(tmp_path / "runs"), *extra, **kw)
 
 
 def one_error_line(res):
@@ -87,21 +87,21 @@ def test_bad_data_layouts_stop_before_work(tmp_path, setup, expected):
 def test_wrong_type_in_config_file(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("data:\n  batch_size: [1, 2]\n")
-    line = one_error_line(run_cli("train.py", "--config", str(cfg)))
+    line = one_error_line(run_main("train.py", "--config", str(cfg)))
     assert line == "error: data.batch_size: expected int, got [1, 2] (list)"
 
 
 def test_broken_yaml(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("data: [unclosed\n")
-    assert "is not valid YAML" in one_error_line(run_cli("train.py", "--config", str(cfg)))
+    assert "is not valid YAML" in one_error_line(run_main("train.py", "--config", str(cfg)))
 
 
 def test_output_folder_not_writable(tmp_path):
     data = make_folder(tmp_path / "d", n_per_class=4)
     blocker = tmp_path / "file"
     blocker.write_text("i am a file")
-    res = run_cli("train.py", *TINY, "--data.root", str(data), "--output_dir", str(blocker / "runs"))
+    res = run_main("train.py", *TINY, "--data.root", str(data), "--output_dir", str(blocker / "runs"))
     assert "cannot write to the output folder" in one_error_line(res)
     assert blocker.read_text() == "i am a file"
 
@@ -159,10 +159,15 @@ def test_interrupted_run_resumes_from_saved_epoch(tmp_path, sig):
     if sig != signal.SIGKILL:
         return  # resuming is the same after any of the three; the full cycle runs once, after kill -9
 
-    res = run_cli("train.py", *args[2:], "--resume")
+    # a kill between the epoch's best.ckpt and last.ckpt leaves best the newer: resume takes the newest
+    newest = max(torch.load(p, weights_only=True, map_location="cpu")["epoch"]
+                 for p in (last, last.with_name("best.ckpt")) if p.is_file())
+    res = run_main("train.py", *args[2:], "--resume")
     assert res.returncode == 0, res.stderr[-3000:]
     info = json.loads((tmp_path / "runs/r/checkpoints/frozen/done.json").read_text())
-    assert info["resumed_from_epoch"] == saved["epoch"] + 1 > 0  # continued, not from zero
+    assert info["resumed_from_epoch"] == newest + 1 > 0  # continued, not from zero
+    with open(tmp_path / "runs/r/logs/frozen/metrics.csv") as f:  # the history before the kill is kept
+        assert sorted({int(float(r["epoch"])) for r in csv.DictReader(f) if r.get("val_loss")}) == list(range(60))
     assert info["epochs_run"] == 60
     final = torch.load(last, weights_only=True, map_location="cpu")
     assert final["global_step"] == 60 * 4  # 16 train images / batch 4, every step done exactly once

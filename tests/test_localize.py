@@ -9,7 +9,7 @@ from crack_lightning.images import decode_image
 from crack_lightning.localize import iter_tiles, tile_origins
 from crack_lightning.predict import Predictor
 from crack_lightning.transforms import preprocess_batch
-from conftest import SAMPLE, run_cli
+from conftest import SAMPLE, run_main
 
 
 def test_tile_origins_cover_the_edges():
@@ -41,7 +41,7 @@ def mosaic(trained_run, tmp_path_factory):
 
 def test_crack_tiles_land_on_crack_patches(trained_run, mosaic, tmp_path):
     path, pattern = mosaic
-    res = run_cli("predict.py", "--checkpoint", str(trained_run / "model.pt"), "--localize", str(path),
+    res = run_main("predict.py", "--checkpoint", str(trained_run / "model.pt"), "--localize", str(path),
                   "--stride", "227", "--output", str(tmp_path / "loc"))
     assert res.returncode == 0, res.stderr
     with open(tmp_path / "loc" / "wall_tiles.csv") as f:
@@ -68,7 +68,7 @@ def test_overlapping_default_stride_and_rotated_jpeg(trained_run, mosaic, tmp_pa
     exif[0x0112] = 6  # viewer must rotate 90 degrees clockwise to show it upright
     jpg = tmp_path / "site.jpg"
     sideways.save(jpg, quality=98, exif=exif)
-    res = run_cli("predict.py", "--checkpoint", str(trained_run / "model.pt"), "--localize", str(jpg),
+    res = run_main("predict.py", "--checkpoint", str(trained_run / "model.pt"), "--localize", str(jpg),
                   "--output", str(tmp_path / "loc"))
     assert res.returncode == 0, res.stderr
     summary = next(csv.DictReader(open(tmp_path / "loc" / "summary.csv")))
@@ -86,7 +86,7 @@ def test_overlapping_default_stride_and_rotated_jpeg(trained_run, mosaic, tmp_pa
 
 def test_explain_writes_gradcam(trained_run, tmp_path):
     patch = sorted((SAMPLE / "Positive").glob("*.jpg"))[0]
-    res = run_cli("predict.py", "--checkpoint", str(trained_run / "model.pt"), "--explain", str(patch),
+    res = run_main("predict.py", "--checkpoint", str(trained_run / "model.pt"), "--explain", str(patch),
                   "--output", str(tmp_path / "ex"))
     assert res.returncode == 0, res.stderr
     with Image.open(tmp_path / "ex" / f"{patch.stem}_gradcam.png") as im:

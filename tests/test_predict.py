@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import SAMPLE, run_cli
+from conftest import SAMPLE, run_main
 
 
 @pytest.fixture
@@ -26,7 +26,7 @@ def read(path):
 def test_predict_folder_with_labels_and_a_broken_file(trained_run, labelled, tmp_path):
     (labelled / "Positive" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really")
     out = tmp_path / "preds.csv"
-    res = run_cli("predict.py", "--checkpoint", str(trained_run / "model.pt"), str(labelled), "--output", str(out))
+    res = run_main("predict.py", "--checkpoint", str(trained_run / "model.pt"), str(labelled), "--output", str(out))
     assert res.returncode == 1, res.stderr  # some input failed
     rows = read(out)
     assert len(rows) == 13
@@ -48,7 +48,7 @@ def test_predict_matches_training_evaluation(trained_run, tmp_path):
     files = sorted(expected)[:10]
     out = tmp_path / "p.csv"
     for engine, tol in (("torch", 1e-5), ("onnx", 1e-4)):
-        res = run_cli("predict.py", "--checkpoint", str(trained_run / "checkpoints/frozen/best.ckpt"), *files,
+        res = run_main("predict.py", "--checkpoint", str(trained_run / "checkpoints/frozen/best.ckpt"), *files,
                       "--output", str(out), "--workers", "0", "--engine", engine)
         assert res.returncode == 0, res.stderr
         got = {r["path"]: float(r["probability"]) for r in read(out)}
@@ -59,7 +59,7 @@ def test_predict_matches_training_evaluation(trained_run, tmp_path):
 
 def test_threshold_override_and_globs(trained_run, labelled, tmp_path):
     out = tmp_path / "p.csv"
-    res = run_cli("predict.py", "--checkpoint", str(trained_run / "model.pt"), str(labelled / "*" / "*.jpg"),
+    res = run_main("predict.py", "--checkpoint", str(trained_run / "model.pt"), str(labelled / "*" / "*.jpg"),
                   "--output", str(out), "--threshold", "0")
     assert res.returncode == 0, res.stderr
     rows = read(out)
@@ -67,9 +67,9 @@ def test_threshold_override_and_globs(trained_run, labelled, tmp_path):
 
 
 def test_predict_user_errors(trained_run, tmp_path):
-    res = run_cli("predict.py", "--checkpoint", str(trained_run / "model.pt"), str(tmp_path / "missing"))
+    res = run_main("predict.py", "--checkpoint", str(trained_run / "model.pt"), str(tmp_path / "missing"))
     assert res.returncode == 2 and res.stderr.strip() == f"error: no such file, folder or matching glob: {tmp_path / 'missing'}"
-    res = run_cli("predict.py", "--checkpoint", str(tmp_path / "nope.pt"), str(SAMPLE))
+    res = run_main("predict.py", "--checkpoint", str(tmp_path / "nope.pt"), str(SAMPLE))
     assert res.returncode == 2 and "checkpoint not found" in res.stderr and "Traceback" not in res.stderr
 
 
@@ -85,7 +85,7 @@ def test_predictor_defaults_follow_the_device_and_engine(trained_run):
 
 
 def test_negative_batch_size_is_a_user_error(trained_run, tmp_path):
-    res = run_cli("predict.py", "--checkpoint", str(trained_run / "model.pt"), str(SAMPLE), "--batch-size", "-3",
+    res = run_main("predict.py", "--checkpoint", str(trained_run / "model.pt"), str(SAMPLE), "--batch-size", "-3",
                   "--output", str(tmp_path / "p.csv"))
     assert res.returncode == 2 and "--batch-size must be >= 1" in res.stderr and "Traceback" not in res.stderr
 

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from crack_lightning.report import make_report
-from conftest import SAMPLE, run_cli
+from conftest import SAMPLE, run_main
 
 
 def test_report_files_and_numbers(tmp_path):
@@ -24,7 +24,7 @@ def test_report_files_and_numbers(tmp_path):
 
 
 def test_report_from_cli(trained_run, tmp_path):
-    res = run_cli("predict.py", "--checkpoint", str(trained_run / "model.pt"), "--split",
+    res = run_main("predict.py", "--checkpoint", str(trained_run / "model.pt"), "--split",
                   str(trained_run / "split.csv"), "--output", str(tmp_path / "p.csv"), "--report", str(tmp_path / "rep"))
     assert res.returncode == 0, res.stderr
     rep = json.loads((tmp_path / "rep" / "report.json").read_text())
