@@ -37,6 +37,14 @@ class DataConfig:
     bad_images: Literal["skip", "error"] = "skip"
     max_per_class: int = 0  # 0 = all; >0 takes a seeded subset per class (quick experiments)
     augment: Literal["none", "light", "strong"] = "light"
+    # more data roots beside `root` (class folders, or annotated photos: images/ + masks/); each is a source
+    extra_roots: list[str] = field(default_factory=list)
+    balance_sources: bool = False  # training draws every source equally often (a 30,000-patch set cannot drown 700 photos)
+    # annotated photos -> labelled tiles (crack_lightning.tiles): tile sizes in pixels, the crack rule, photo groups
+    tile_sizes: list[int] = field(default_factory=lambda: [224, 112])
+    tile_crack_fraction: float = 0.005
+    tile_clear_margin: int = 8
+    group_pattern: str = ""  # regex naming the original photo of a crop (default: name without trailing _<n>)
 
 
 @dataclass
@@ -208,6 +216,17 @@ def _validate(cfg: Config) -> None:
     for key, v in non_negative.items():
         if v < 0:
             raise ConfigError(f"{key}: must be >= 0, got {v}")
+    if not d.tile_sizes or any(t < 16 for t in d.tile_sizes):
+        raise ConfigError(f"data.tile_sizes: need at least one size >= 16 pixels, got {d.tile_sizes}")
+    if not 0.0 < d.tile_crack_fraction <= 1.0 or d.tile_clear_margin < 0:
+        raise ConfigError("data.tile_crack_fraction must be in (0, 1] and data.tile_clear_margin >= 0")
+    if d.group_pattern:
+        import re
+
+        try:
+            re.compile(d.group_pattern)
+        except re.error as exc:
+            raise ConfigError(f"data.group_pattern is not a valid regular expression: {exc}") from exc
     name = cfg.run_name
     if name and (name in (".", "..") or "/" in name or "\\" in name or name.startswith("~")):
         raise ConfigError(f"run_name must be a plain folder name (no '/', '..'), got {name!r}")

@@ -37,10 +37,15 @@ class DataError(ValueError):
 
 @dataclass
 class Record:
+    """One training image: a file, or a tile (``box`` ``"x,y,w,h"``) of an annotated photo."""
+
     path: str
     label: int
     sha256: str
     split: str = ""
+    box: str = ""  # "" = the whole file
+    group: str = ""  # records of one group (one original photo) share a split; "" = by content hash
+    source: str = ""  # the data root it came from (balancing, per-source metrics)
 
 
 def sha256_file(path: Path) -> str:
@@ -73,7 +78,8 @@ def _class_dirs(root: Path, class_names: Sequence[str], where: str) -> list[Path
 
 
 def scan(root: str | Path, class_names: Sequence[str], bad_images: str = "skip",
-         check_pixels: bool = True, workers: int = 1) -> tuple[list[Record], list[tuple[str, str]]]:
+         check_pixels: bool = True, workers: int = 1,
+         require_both: bool = True) -> tuple[list[Record], list[tuple[str, str]]]:
     """List, hash and (optionally) decode-check every image under ``root``.
 
     Returns the good records (``split`` filled when the root is pre-split) and
@@ -88,7 +94,7 @@ def scan(root: str | Path, class_names: Sequence[str], bad_images: str = "skip",
     for split, folder in parts:
         for label, cdir in enumerate(_class_dirs(folder, class_names, f"data.root{'/' + split if split else ''}")):
             found = list_images(cdir)
-            if not found and (split in ("", "train")):
+            if not found and (split in ("", "train")) and require_both:
                 raise DataError(f"class folder {cdir} holds no images (.jpg, .png, ...)")
             files += [(p, label, split) for p in found]
     def check(item: tuple[Path, int, str]) -> tuple[str | None, str]:
@@ -119,24 +125,73 @@ def scan(root: str | Path, class_names: Sequence[str], bad_images: str = "skip",
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     for label, name in enumerate(class_names):
-        if not any(r.label == label for r in records):
+        if require_both and not any(r.label == label for r in records):
             raise DataError(f"no usable images of class '{name}' under {root}: training needs both classes")
     return records, bad
 
 
-def split_records(records: list[Record], val_fraction: float, test_fraction: float, seed: int) -> list[Record]:
-    """Assign ``train/val/test`` by whole duplicate groups, stratified by class, seeded.
+def scan_sources(cfg: DataConfig, workers: int = 1) -> tuple[list[Record], list[tuple[str, str]]]:
+    """Every record of ``data.root`` and ``data.extra_roots``: class folders (``Negative/``,
+    ``Positive/``, or pre-split) or annotated photos (``images/`` + ``masks/``, cut into
+    labelled tiles by the ``data.tile_*`` rule). Each record's ``source`` is its root's name."""
+    from .tiles import TileRule, is_mask_root, scan_mask_root
 
-    Groups whose identical copies carry different labels are dropped (their
-    label is unknowable); the caller reports them.
+    rule = TileRule(tuple(cfg.tile_sizes), cfg.tile_crack_fraction, cfg.tile_clear_margin, cfg.group_pattern)
+    roots = [Path(cfg.root), *(Path(r) for r in cfg.extra_roots)]
+    names = [r.resolve().name for r in roots]
+    if len(set(names)) != len(names):
+        raise DataError(f"data roots must have different folder names (they name the sources): {names}")
+    records, bad = [], []
+    for root, name in zip(roots, names):
+        if is_mask_root(root):
+            recs, b = scan_mask_root(root, rule, name)
+            if not recs:
+                raise DataError(f"{root}: no labelled tiles (photos in images/, masks in masks/ with the same names)")
+        else:
+            recs, b = scan(root, cfg.class_names, cfg.bad_images, workers=workers, require_both=not cfg.extra_roots)
+            for r in recs:
+                r.source = name
+        if b and cfg.bad_images == "error":
+            raise DataError(f"bad image {b[0][0]}: {b[0][1]} (set data.bad_images: skip to skip such files)")
+        records += recs
+        bad += b
+    if len(roots) > 1:
+        presplit = {bool(r.split) for r in records}
+        if len(presplit) > 1:
+            raise DataError("data roots mix pre-split (train/val/test) and unsplit folders: use one kind")
+        for label, name in enumerate(cfg.class_names):
+            if not any(r.label == label for r in records):
+                raise DataError(f"no usable images of class '{name}' in any data root: training needs both classes")
+    return records, bad
+
+
+def split_records(records: list[Record], val_fraction: float, test_fraction: float, seed: int) -> list[Record]:
+    """Assign ``train/val/test`` by whole groups, per source, stratified by class, seeded.
+
+    A group is one original photo (``Record.group``, all its tiles) or, for plain files, all
+    byte-identical copies. Copies whose labels differ are dropped (their label is unknowable);
+    the caller reports them. Each source is split on its own, so validation and test span them all.
     """
+    by_source: dict[str, list[Record]] = defaultdict(list)
+    for r in records:
+        by_source[r.source].append(r)
+    if len(by_source) > 1:
+        return sorted((r for src in sorted(by_source)
+                       for r in split_records(by_source[src], val_fraction, test_fraction, seed)),
+                      key=lambda r: (r.path, r.box))
+    conflicted = {r.sha256 for r in label_conflicts(records)}
     groups: dict[str, list[Record]] = defaultdict(list)
     for r in records:
-        groups[r.sha256].append(r)
+        if r.sha256 not in conflicted:
+            groups[r.group or r.sha256].append(r)
     rng = random.Random(seed)
     out: list[Record] = []
+
+    def majority(g: list[Record]) -> int:  # a photo's tiles can be of both classes
+        return int(2 * sum(r.label for r in g) >= len(g))
+
     for label in sorted({r.label for r in records}):
-        keys = sorted(k for k, g in groups.items() if {r.label for r in g} == {label})
+        keys = sorted(k for k, g in groups.items() if majority(g) == label)
         rng.shuffle(keys)
         total = sum(len(groups[k]) for k in keys)
         targets = {"test": test_fraction * total, "val": val_fraction * total}
@@ -148,7 +203,7 @@ def split_records(records: list[Record], val_fraction: float, test_fraction: flo
             for r in groups[k]:
                 r.split = split
                 out.append(r)
-    return sorted(out, key=lambda r: r.path)
+    return sorted(out, key=lambda r: (r.path, r.box))
 
 
 def label_conflicts(records: list[Record]) -> list[Record]:
@@ -160,17 +215,19 @@ def label_conflicts(records: list[Record]) -> list[Record]:
 
 
 def check_no_leak(records: list[Record]) -> None:
-    """Raise if any file content appears in two splits (also for user-given splits)."""
-    where: dict[str, set[str]] = defaultdict(set)
-    for r in records:
-        where[r.sha256].add(r.split)
-    leaks = [h for h, s in where.items() if len(s) > 1]
-    if leaks:
-        example = [r.path for r in records if r.sha256 == leaks[0]]
-        raise DataError(f"{len(leaks)} identical image(s) appear in more than one split, e.g. {example[:3]}")
+    """Raise if any file content, or any photo group, appears in two splits (also for user-given splits)."""
+    for what, key in (("identical image(s)", lambda r: r.sha256), ("photo group(s)", lambda r: r.group)):
+        where: dict[str, set[str]] = defaultdict(set)
+        for r in records:
+            if key(r):
+                where[key(r)].add(r.split)
+        leaks = [h for h, s in where.items() if len(s) > 1]
+        if leaks:
+            example = sorted({r.path for r in records if key(r) == leaks[0]})
+            raise DataError(f"{len(leaks)} {what} appear in more than one split, e.g. {example[:3]}")
 
 
-SPLIT_CSV_HEADER = ["path", "label", "class_name", "split", "sha256"]
+SPLIT_CSV_HEADER = ["path", "label", "class_name", "split", "sha256", "box", "group", "source"]
 
 
 def write_split_csv(records: list[Record], path: Path, class_names: Sequence[str]) -> None:
@@ -183,28 +240,30 @@ def write_split_csv(records: list[Record], path: Path, class_names: Sequence[str
         w = csv.writer(f)
         w.writerow(SPLIT_CSV_HEADER)
         for r in records:
-            w.writerow([csv_path(r.path), r.label, csv_text(class_names[r.label]), r.split, r.sha256])
+            w.writerow([csv_path(r.path), r.label, csv_text(class_names[r.label]), r.split, r.sha256, r.box,
+                        csv_text(r.group), csv_text(r.source)])
 
 
 def read_split_csv(path: Path) -> list[Record]:
-    from .io import path_from_csv
+    from .io import csv_value, path_from_csv
 
     with open(path, newline="", encoding="utf-8") as f:
-        return [Record(path_from_csv(row["path"]), int(row["label"]), row["sha256"], row["split"])
+        return [Record(path_from_csv(row["path"]), int(row["label"]), row["sha256"], row["split"],
+                       row.get("box") or "", csv_value(row.get("group") or ""), csv_value(row.get("source") or ""))
                 for row in csv.DictReader(f)]
 
 
 def subsample(records: list[Record], max_per_class: int, seed: int) -> list[Record]:
-    """A seeded subset of at most ``max_per_class`` images per class (0 = all)."""
+    """A seeded subset of at most ``max_per_class`` images per class of each source (0 = all)."""
     if max_per_class <= 0:
         return records
     rng = random.Random(seed)
     out = []
-    for label in sorted({r.label for r in records}):
-        mine = [r for r in records if r.label == label]
+    for key in sorted({(r.source, r.label) for r in records}):
+        mine = [r for r in records if (r.source, r.label) == key]
         rng.shuffle(mine)
         out += mine[:max_per_class]
-    return sorted(out, key=lambda r: r.path)
+    return sorted(out, key=lambda r: (r.path, r.box))
 
 
 class ImageDataset(Dataset):
@@ -214,13 +273,21 @@ class ImageDataset(Dataset):
     def __init__(self, records: Sequence[Record], transform: Callable | None):
         self.records = list(records)
         self.transform = transform
+        self._photo: tuple[str, object] = ("", None)  # the last photo decoded: its tiles come in a row
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, i: int):
         r = self.records[i]
-        image = decode_image(r.path)
+        if r.box:
+            from .tiles import crop
+
+            if self._photo[0] != r.path:
+                self._photo = (r.path, decode_image(r.path))
+            image = crop(self._photo[1], r.box)
+        else:
+            image = decode_image(r.path)
         if self.transform is not None:
             image = self.transform(image=image)["image"]
         return image, torch.tensor(float(r.label)), i
@@ -248,7 +315,8 @@ def available_cpus() -> int:
 
 
 def make_loader(ds: Dataset, batch_size: int, num_workers: int, *, shuffle: bool = False, collate_fn=None,
-                pin_memory: bool = False, prefetch_factor: int = 2, persistent_workers: bool = False) -> DataLoader:
+                pin_memory: bool = False, prefetch_factor: int = 2, persistent_workers: bool = False,
+                sampler=None) -> DataLoader:
     """Every DataLoader of the project that decodes images.
 
     The worker processes are the parallelism, so OpenCV runs single-threaded:
@@ -260,7 +328,8 @@ def make_loader(ds: Dataset, batch_size: int, num_workers: int, *, shuffle: bool
     num_workers = min(num_workers, available_cpus())  # more workers than cores only contend (and warn)
     if num_workers > 0:
         cv2.setNumThreads(1)
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, collate_fn=collate_fn,
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=num_workers,
+                      collate_fn=collate_fn,
                       pin_memory=pin_memory, prefetch_factor=prefetch_factor if num_workers > 0 else None,
                       persistent_workers=persistent_workers and num_workers > 0)
 
@@ -312,15 +381,32 @@ class CrackDataModule(L.LightningDataModule):
             return train_transform(self.pre, self.cfg.augment, norm)
         return None if self.device_normalize else eval_transform(self.pre)  # uint8: Uint8Batches resizes
 
-    def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
+    def _loader(self, ds: Dataset, shuffle: bool, sampler=None) -> DataLoader:
         images = not isinstance(ds, TensorItems)
         collate = Uint8Batches(self.pre, self.defer_resize) if images and self.device_normalize else None
         return make_loader(ds, self.cfg.batch_size, self.cfg.num_workers if images else 0, shuffle=shuffle,
                            collate_fn=collate, pin_memory=torch.cuda.is_available(),
-                           prefetch_factor=self.cfg.prefetch_factor, persistent_workers=True)
+                           prefetch_factor=self.cfg.prefetch_factor, persistent_workers=True, sampler=sampler)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("train", augment=True), shuffle=True)
+        ds = self.dataset("train", augment=True)
+        weights = self.source_weights(len(ds))
+        if weights is None:
+            return self._loader(ds, shuffle=True)
+        from torch.utils.data import WeightedRandomSampler
+
+        sampler = WeightedRandomSampler(weights, num_samples=len(ds), replacement=True)
+        return self._loader(ds, shuffle=False, sampler=sampler)
+
+    def source_weights(self, n: int) -> torch.Tensor | None:
+        """``data.balance_sources``: per-item weights under which every source is drawn equally often
+        (``n`` items: the training records, repeated when cached features hold augmented views)."""
+        train = self.split("train")
+        sources = [r.source for r in train]
+        if not self.cfg.balance_sources or len(set(sources)) < 2 or n % len(train):
+            return None
+        counts = {s: sources.count(s) for s in set(sources)}
+        return torch.tensor([1.0 / counts[s] for s in sources] * (n // len(train)), dtype=torch.double)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.dataset("val"), shuffle=False)
@@ -342,7 +428,7 @@ def class_counts(records: list[Record]) -> dict[str, dict[int, int]]:
 
 
 __all__ = [
-    "CrackDataModule", "DataError", "ImageDataset", "Record", "TensorItems", "Uint8Batches", "check_no_leak",
+    "scan_sources", "CrackDataModule", "DataError", "ImageDataset", "Record", "TensorItems", "Uint8Batches", "check_no_leak",
     "class_counts", "label_conflicts", "list_images", "make_loader", "read_split_csv", "scan", "split_records",
     "subsample", "write_split_csv",
 ]

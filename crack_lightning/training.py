@@ -39,7 +39,7 @@ from .checkpoint import read_checkpoint, save_release
 from .config import Config, ConfigError, dump_yaml
 from .console import ProgressBar, quiet_lightning
 from .data import (CrackDataModule, Record, TensorItems, check_no_leak, class_counts, label_conflicts,
-                   read_split_csv, scan, split_records, subsample, write_split_csv)
+                   read_split_csv, scan_sources, split_records, subsample, write_split_csv)
 from .io import atomic_write, csv_path, csv_text, path_text, write_json, write_text
 from .model import CrackClassifier
 
@@ -277,7 +277,7 @@ def prepare_data(cfg: Config, run_dir: Path, resume: bool) -> list[Record]:
     if resume and split_csv.is_file():
         return read_split_csv(split_csv)
     d = cfg.data
-    records, bad = scan(d.root, d.class_names, d.bad_images, workers=max(1, d.num_workers))
+    records, bad = scan_sources(d, workers=max(1, d.num_workers))
     conflicts = label_conflicts(records)
     skipped = bad + [(r.path, "identical copy exists under the other class") for r in conflicts]
     if skipped:
@@ -461,13 +461,14 @@ def write_predictions(path: Path, records: list[Record], result: dict, class_nam
     thr = result["metrics"]["threshold"]
     with atomic_write(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["path", "label", "probability", "prediction", "correct"])
-        rows = sorted(zip(result["index"].tolist(), result["probs"].tolist()), key=lambda t: records[t[0]].path)
+        w.writerow(["path", "label", "probability", "prediction", "correct", "box", "source"])
+        rows = sorted(zip(result["index"].tolist(), result["probs"].tolist()),
+                      key=lambda t: (records[t[0]].path, records[t[0]].box))
         for i, p in rows:
             r = records[i]
             pred = int(p >= thr)
             w.writerow([csv_path(r.path), csv_text(class_names[r.label]), f"{p:.6f}", csv_text(class_names[pred]),
-                        int(pred == r.label)])
+                        int(pred == r.label), r.box, csv_text(r.source)])
 
 
 def train(cfg: Config, resume: bool = False) -> dict:

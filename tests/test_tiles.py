@@ -1,0 +1,141 @@
+"""Training from annotated photos: synthetic photo + mask pairs (never the field images themselves)."""
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from crack_lightning.config import DataConfig
+from crack_lightning.data import CrackDataModule, check_no_leak, read_split_csv, scan_sources, split_records
+from crack_lightning.tiles import TileRule, group_of, scan_mask_root
+from conftest import ROOT, make_folder, run_main
+
+
+def photo_with_mask(rng, size=448, crack_rows=()):
+    """A grey concrete-like photo; each entry of ``crack_rows`` draws a dark 3-px horizontal crack at that
+    row (from x=0 to the middle), and the mask marks exactly those pixels."""
+    img = rng.normal(165, 10, (size, size, 1)).clip(0, 255).repeat(3, 2).astype(np.uint8)
+    mask = np.zeros((size, size), np.uint8)
+    for y in crack_rows:
+        img[y:y + 3, : size // 2] = 45
+        mask[y:y + 3, : size // 2] = 255
+    return img, mask
+
+
+def write_root(root, photos):
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for name, (img, mask) in photos.items():
+        Image.fromarray(img).save(root / "images" / f"{name}.jpg", quality=95)
+        Image.fromarray(mask).save(root / "masks" / f"{name}.png")
+    return root
+
+
+@pytest.fixture
+def mask_root(tmp_path):
+    rng = np.random.default_rng(0)
+    photos = {f"wall_{k}_{c}_0": photo_with_mask(rng, crack_rows=(50,) if k % 2 else ()) for k in range(6)
+              for c in (0, 1)}  # six original photos, two crops each
+    return write_root(tmp_path / "site", photos)
+
+
+def test_tile_rule():
+    rule = TileRule(sizes=(100,), crack_fraction=0.005, clear_margin=8)
+    mask = np.zeros((300, 300), bool)
+    mask[50, 0:60] = True  # 60 px of 10,000: 0.6 %
+    assert rule.label(mask, 0, 0, 100) == 1
+    assert rule.label(mask, 0, 100, 100) == 0
+    mask2 = np.zeros((300, 300), bool)
+    mask2[104, 10:20] = True  # 4 px below the tile at y=0..99: inside the 8 px margin
+    assert rule.label(mask2, 0, 0, 100) is None
+    mask2[104, 10:20] = False
+    mask2[150, 10:12] = True  # 2 px inside the tile: a crack too small to call (0.02 %)
+    assert rule.label(mask2, 0, 100, 100) is None
+
+
+def test_groups_name_the_original_photo():
+    assert group_of("Rissbilder_for_Florian_9S6A2783_485_963_3019_3865") == "Rissbilder_for_Florian_9S6A2783"
+    assert group_of("GAPS384_test_0016_541_1") == "GAPS384_test"  # coarse by default: never a leak
+    assert group_of("GAPS384_test_0016_541_1", r"GAPS384_\w+?_(\d{4})") == "0016"
+    assert group_of("noncrack_noncrack_concrete_wall_12_3", r"concrete_wall_(\d+)") == "12"
+    assert group_of("Sylvie_Chambon_006") == "Sylvie_Chambon"
+
+
+def test_photos_become_labelled_tiles_at_several_sizes(mask_root):
+    records, bad = scan_mask_root(mask_root, TileRule(sizes=(224, 112)))
+    assert bad == []
+    by_photo = {}
+    for r in records:
+        by_photo.setdefault(r.path, []).append(r)
+    assert len(by_photo) == 12
+    cracked = [p for p in by_photo if int(p.split("wall_")[1][0]) % 2]
+    for path, recs in by_photo.items():
+        labels = {r.box: r.label for r in recs}
+        if path in cracked:  # the crack lies in the top-left 224 tile, rows 50-52, x 0-223
+            assert labels["0,0,224,224"] == 1 and labels["224,224,224,224"] == 0
+            assert "0,224,224,224" in labels and labels["0,224,224,224"] == 0
+            assert labels["0,0,112,112"] == 1 and labels["112,0,112,112"] == 1 and labels["336,0,112,112"] == 0
+            assert "224,0,112,112" not in labels  # the crack ends 1 px left of it: within the margin, unused
+            assert "0,112,112,112" not in labels or labels["0,112,112,112"] == 0
+        else:
+            assert set(labels.values()) == {0} and len(labels) == 4 + 16
+    assert {r.source for r in records} == {"site"} and {r.group for r in records} == {"site/wall"}  # coarse default
+    records, _ = scan_mask_root(mask_root, TileRule(sizes=(224,), group_pattern=r"wall_(\d+)"))
+    assert {r.group for r in records} == {f"site/{k}" for k in range(6)}  # one group per original photo
+
+
+def test_tiles_of_one_photo_share_a_split_and_sources_are_split_each(tmp_path, mask_root):
+    make_folder(tmp_path / "patches", n_per_class=10)
+    cfg = DataConfig(root=str(tmp_path / "patches"), extra_roots=[str(mask_root)], tile_sizes=[224],
+                     group_pattern=r"wall_(\d+)")
+    records, _ = scan_sources(cfg)
+    records = split_records(records, 0.25, 0.25, 0)
+    check_no_leak(records)
+    groups = {}
+    for r in records:
+        groups.setdefault(r.group, set()).add(r.split)
+    assert all(len(s) == 1 for g, s in groups.items() if g)
+    for source in ("patches", "site"):  # validation and test span every source
+        assert {r.split for r in records if r.source == source} == {"train", "val", "test"}
+
+
+def test_balanced_sources_are_drawn_equally(tmp_path, mask_root):
+    make_folder(tmp_path / "patches", n_per_class=30)
+    cfg = DataConfig(root=str(tmp_path / "patches"), extra_roots=[str(mask_root)], tile_sizes=[224],
+                     balance_sources=True, batch_size=8, num_workers=0, group_pattern=r"wall_(\d+)")
+    records = split_records(scan_sources(cfg)[0], 0.2, 0.2, 0)
+    from crack_lightning.transforms import Preprocessing
+
+    dm = CrackDataModule(cfg, records, Preprocessing(32, (0.5,) * 3, (0.5,) * 3))
+    train = dm.split("train")
+    w = dm.source_weights(len(train))
+    per_source = {s: float(sum(wi for wi, r in zip(w, train) if r.source == s)) for s in ("patches", "site")}
+    assert per_source["patches"] == pytest.approx(per_source["site"])
+    assert sum(r.source == "patches" for r in train) > 2 * sum(r.source == "site" for r in train)
+    x, y, idx = next(iter(dm.train_dataloader()))
+    assert x.shape == (8, 3, 32, 32)
+
+
+def test_train_from_patches_and_annotated_photos(tmp_path, mask_root):
+    patches = make_folder(tmp_path / "patches", n_per_class=8)
+    res = run_main("train.py", "--config", ROOT / "configs/quickstart.yaml", "--data.root", patches,
+                   "--data.extra_roots", mask_root, "--data.tile_sizes", "224,112", "--data.balance_sources", "true",
+                   "--data.group_pattern", r"wall_(\d+)",
+                   "--model.pretrained", "none", "--model.image_size", "32", "--data.num_workers", "0",
+                   "--train.frozen.epochs", "1", "--output_dir", tmp_path / "runs", "--run_name", "r",
+                   "--trainer.enable_progress_bar", "false")
+    assert res.returncode == 0, res.stderr[-2000:]
+    run = tmp_path / "runs" / "r"
+    records = read_split_csv(run / "split.csv")
+    tiles = [r for r in records if r.box]
+    assert tiles and all(r.source == "site" and r.group for r in tiles)
+    check_no_leak(records)
+    with open(run / "test_predictions.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert {row["source"] for row in rows} == {"patches", "site"} and any(row["box"] for row in rows)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["after"]["test"]["n"] == len(rows)
