@@ -76,8 +76,9 @@ def test_cli_print_config_and_errors():
     res = run_main("train.py", "--config", "configs/quickstart.yaml", "--data.bogus", "1")
     assert res.returncode == 2
     assert res.stderr.strip() == ("error: unknown config key 'data.bogus' (valid keys here: augment, bad_images, "
-                                  "batch_size, class_names, max_per_class, num_workers, prefetch_factor, root, "
-                                  "seed, test_fraction, val_fraction)")
+                                  "balance_sources, batch_size, class_names, extra_roots, group_pattern, "
+                                  "max_per_class, num_workers, prefetch_factor, root, seed, test_fraction, "
+                                  "tile_clear_margin, tile_crack_fraction, tile_sizes, val_fraction)")
     assert "Traceback" not in res.stderr
     res = run_main("train.py", "--config", "configs/nope.yaml")
     assert res.returncode == 2 and "config file not found: configs/nope.yaml" in res.stderr
