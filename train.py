@@ -1,8 +1,6 @@
 #!/usr/bin/env python
 """Train, evaluate and save a crack classifier: ``python train.py --config configs/base.yaml``."""
-import sys
-
-from crack_lightning.cli import guarded, train_main
+from crack_lightning.cli import train_entry
 
 if __name__ == "__main__":
-    sys.exit(guarded(lambda: train_main(sys.argv[1:])))
+    train_entry()

@@ -49,6 +49,23 @@ def guarded(main: Callable[[], int]) -> int:
         return 130
 
 
+def train_entry() -> None:
+    """``crack-train``: ``train.py`` as an installed command."""
+    sys.exit(guarded(lambda: train_main(sys.argv[1:])))
+
+
+def predict_entry() -> None:
+    """``crack-predict``: ``predict.py`` as an installed command."""
+    sys.exit(guarded(lambda: predict_main(sys.argv[1:])))
+
+
+def serve_entry() -> None:
+    """``crack-serve``: ``serve.py`` as an installed command."""
+    from .server import serve_main
+
+    sys.exit(guarded(lambda: serve_main(sys.argv[1:])))
+
+
 def train_main(argv: list[str]) -> int:
     if "-h" in argv or "--help" in argv:
         print(TRAIN_USAGE)

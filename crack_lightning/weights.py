@@ -9,7 +9,8 @@ Three sources, chosen by ``model.pretrained`` in the config:
                 ``tf_efficientnet_lite0``.
 * ``none``    - random initialisation (tests, or training from scratch).
 
-``model.weights_file`` (a local ``.pth``/``.safetensors``/``.ckpt``) overrides
+``model.weights_file`` (a local ``.pth``/``.safetensors``, or a crack_lightning ``.ckpt``/``.pt``
+whose backbone is taken, e.g. to start from the released model) overrides
 all of them. Every failure ends in :class:`WeightsError` with a message that
 tells the user what to do instead of a hub traceback.
 """
@@ -112,7 +113,9 @@ def load_backbone_weights(model: nn.Module, path: Path) -> None:
     sd = _read_state_dict(path)
     if any(k.startswith("_blocks.") for k in sd):
         sd = convert_lukemelas_lite0(sd, model)
-    sd = {k.removeprefix("backbone."): v for k, v in sd.items()}
+    if any(k.startswith("backbone.") for k in sd):  # a crack_lightning checkpoint: its backbone, not its head
+        sd = {k.removeprefix("backbone."): v.float() if v.is_floating_point() else v
+              for k, v in sd.items() if k.startswith("backbone.")}
     own = model.state_dict()
     classifier = model.default_cfg.get("classifier", "classifier")
     for key in [k for k in sd if k.startswith(classifier + ".")]:

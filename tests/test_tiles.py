@@ -139,3 +139,33 @@ def test_train_from_patches_and_annotated_photos(tmp_path, mask_root):
     assert {row["source"] for row in rows} == {"patches", "site"} and any(row["box"] for row in rows)
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["after"]["test"]["n"] == len(rows)
+
+
+def test_leave_one_source_out_command(tmp_path):
+    """bench/loso.py end to end on synthetic sources named like the field ones: one fold, every figure."""
+    from conftest import run_cli
+
+    rng = np.random.default_rng(1)
+    field = tmp_path / "field"
+    for k, source in enumerate(("rissbilder", "concrete_nocrack", "gaps", "aigle", "cracktree")):
+        photos = {f"{source}_{i}": photo_with_mask(rng, crack_rows=(60, 300) if i % 2 and source != "concrete_nocrack"
+                                                   else ()) for i in range(4)}
+        write_root(field / source, photos)
+    mendeley = make_folder(tmp_path / "mendeley", n_per_class=6)
+    masonry = tmp_path / "masonry"
+    make_folder(masonry, n_per_class=3, classes=("Positive",))
+    out = tmp_path / "loso.json"
+    res = run_cli("bench/loso.py", "--mendeley", str(mendeley), "--field", str(field), "--masonry", str(masonry),
+                  "--folds", "pavement", "--mendeley-per-class", "6", "--output-dir", str(tmp_path / "runs"),
+                  "--out", str(out), "--heatmap", str(tmp_path / "heat.png"), "--heatmap-fold", "pavement",
+                  "--set", "train.frozen.epochs=2", "model.image_size=64", "data.num_workers=0", timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    r = json.loads(out.read_text())["folds"]["pavement"]
+    assert r["held_out"] == ["aigle", "cracktree"] and "aigle" not in r["trained_on"]
+    assert r["trained_on"] == ["mendeley", "rissbilder", "concrete_nocrack", "gaps"]
+    t = r["held_out_tiles"]
+    # 8 photos x 4 tiles: each cracked photo (2 per source) has 2 crack tiles and 2 too near its crack
+    assert t["n"] == t["tp"] + t["fp"] + t["fn"] + t["tn"] == 24 and t["tp"] + t["fn"] == 8
+    assert 0 <= t["f1"] <= 1 and r["mendeley_test_n"] > 0 and 0 <= r["masonry_recall"] <= 1
+    assert r["localize"]["n"] > 0 and (tmp_path / "heat.png").stat().st_size > 0
+    assert "| pavement |" in out.with_suffix(".md").read_text()

@@ -72,3 +72,15 @@ def test_missing_and_damaged_weights_file(tmp_path):
 def test_unknown_architecture():
     with pytest.raises(WeightsError, match="unknown timm model 'no_such_net'"):
         create_pretrained("no_such_net", "none")
+
+
+def test_backbone_from_a_crack_lightning_checkpoint(tmp_path):
+    """model.weights_file may be a trained checkpoint (e.g. the release): its backbone starts the new run."""
+    from crack_lightning.checkpoint import save_release
+    from crack_lightning.model import CrackClassifier
+
+    torch.manual_seed(0)
+    trained = CrackClassifier(pretrained="none", image_size=32)
+    save_release(trained, tmp_path / "m.pt", half=False)
+    fresh = CrackClassifier(pretrained="none", weights_file=str(tmp_path / "m.pt"), image_size=32)
+    assert all(torch.equal(v, trained.backbone.state_dict()[k]) for k, v in fresh.backbone.state_dict().items())
