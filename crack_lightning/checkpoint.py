@@ -18,7 +18,7 @@ from .model import CrackClassifier
 from .weights import WeightsError
 
 RELEASE_FORMAT = "crack_lightning.release/1"
-MODEL_ARGS = ("backbone", "drop_rate", "image_size", "class_names", "threshold_rule", "target_fpr")
+MODEL_ARGS = ("backbone", "drop_rate", "image_size", "class_names", "threshold_rule", "target_fpr", "head_hidden")
 
 
 class CheckpointError(ValueError):
@@ -77,6 +77,9 @@ def check_hparams(hp: dict, where: str | Path) -> dict:
     size = kwargs.get("image_size", 0)
     if not (isinstance(size, int) and not isinstance(size, bool) and (size == 0 or 16 <= size <= 4096)):
         raise CheckpointError(f"{where}: image_size must be 0 or 16-4096, got {size!r}")
+    hidden = kwargs.get("head_hidden", 0)
+    if not (isinstance(hidden, int) and not isinstance(hidden, bool) and 0 <= hidden <= 65536):
+        raise CheckpointError(f"{where}: head_hidden must be an integer 0-65536, got {hidden!r}")
     rate = kwargs.get("drop_rate", 0.0)
     if not (isinstance(rate, (int, float)) and not isinstance(rate, bool) and 0.0 <= rate < 1.0):
         raise CheckpointError(f"{where}: drop_rate must be a number in [0, 1), got {rate!r}")

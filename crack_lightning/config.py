@@ -56,6 +56,7 @@ class ModelConfig:
     weights_file: str | None = None
     drop_rate: float = 0.2
     image_size: int = 0  # 0 = the backbone's own input size from timm's data config
+    head_hidden: int = 0  # 0 = a linear head; > 0 = one hidden layer of this width (MLP head)
 
 
 @dataclass
@@ -203,6 +204,8 @@ def _validate(cfg: Config) -> None:
     for key, v in floats.items():
         if not math.isfinite(v) or v < 0:
             raise ConfigError(f"{key}: must be a finite number >= 0, got {v}")
+    if not 0 <= cfg.model.head_hidden <= 65536:
+        raise ConfigError(f"model.head_hidden: must be 0 (linear head) to 65536, got {cfg.model.head_hidden}")
     if not 0.0 <= cfg.model.drop_rate < 1.0:
         raise ConfigError(f"model.drop_rate: must be in [0, 1), got {cfg.model.drop_rate}")
     if cfg.model.image_size and not 16 <= cfg.model.image_size <= 4096:

@@ -34,7 +34,8 @@ def pooled_features(net: nn.Module, size: int) -> int:
 
 
 class CrackClassifier(L.LightningModule):
-    """timm backbone (pooled features) -> dropout -> Linear(features, 1).
+    """timm backbone (pooled features) -> dropout -> Linear(features, 1) (or, with ``head_hidden``, a
+    one-hidden-layer MLP).
 
     ``freeze_backbone(True)`` gives the seed's transfer-learning recipe (only the
     head learns, backbone BatchNorm statistics stay ImageNet's); ``False`` the
@@ -57,6 +58,7 @@ class CrackClassifier(L.LightningModule):
         label_smoothing: float = 0.0,
         threshold_rule: str = "f1",
         target_fpr: float = 0.001,
+        head_hidden: int = 0,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -64,7 +66,12 @@ class CrackClassifier(L.LightningModule):
         self.pre = Preprocessing.from_model(net, image_size)
         net.reset_classifier(0)
         self.backbone = net
-        self.head = nn.Sequential(nn.Dropout(drop_rate), nn.Linear(pooled_features(net, self.pre.size), 1))
+        width = pooled_features(net, self.pre.size)
+        if head_hidden > 0:  # one hidden layer: room for several sources' looks on a frozen backbone
+            self.head = nn.Sequential(nn.Dropout(drop_rate), nn.Linear(width, head_hidden), nn.ReLU(),
+                                      nn.Dropout(drop_rate), nn.Linear(head_hidden, 1))
+        else:
+            self.head = nn.Sequential(nn.Dropout(drop_rate), nn.Linear(width, 1))
         self.register_buffer("threshold", torch.tensor(0.5, dtype=torch.float64))
         self.lr, self.weight_decay = lr, weight_decay
         self.backbone_frozen = False

@@ -261,7 +261,7 @@ def build_model(cfg: Config) -> CrackClassifier:
         backbone=m.backbone, pretrained=m.pretrained, weights_file=m.weights_file, drop_rate=m.drop_rate,
         image_size=m.image_size, class_names=list(cfg.data.class_names), lr=t.frozen.lr,
         weight_decay=t.frozen.weight_decay, label_smoothing=t.label_smoothing, threshold_rule=t.threshold_rule,
-        target_fpr=t.target_fpr,
+        target_fpr=t.target_fpr, head_hidden=m.head_hidden,
     )
 
 

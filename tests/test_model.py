@@ -61,3 +61,18 @@ def test_uint8_images_are_normalised_by_the_model():
     with torch.no_grad():
         assert torch.allclose(m(raw), m(m.pre.normalize(raw.permute(0, 3, 1, 2))), atol=1e-6)
         assert torch.allclose(m.predict_proba(raw), torch.sigmoid(m(raw)), atol=1e-6)
+
+
+def test_mlp_head_trains_saves_and_reloads(tmp_path):
+    """model.head_hidden: a one-hidden-layer head; the release file rebuilds it from its hparams."""
+    from crack_lightning.checkpoint import load_model, save_release
+
+    torch.manual_seed(0)
+    m = tiny(head_hidden=16).eval()
+    assert [type(x).__name__ for x in m.head] == ["Dropout", "Linear", "ReLU", "Dropout", "Linear"]
+    assert m.head[1].out_features == 16 and m.head[4].in_features == 16
+    save_release(m, tmp_path / "m.pt", half=False)
+    again = load_model(tmp_path / "m.pt")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(again(x), m(x), atol=1e-6)
