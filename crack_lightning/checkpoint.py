@@ -106,6 +106,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> CrackCla
             f"{len(unexpected)} unexpected, {len(wrong)} wrongly shaped tensors (e.g. {(missing + wrong + unexpected)[:2]})"
         )
     model.load_state_dict(sd)
+    model.on_load_checkpoint(ckpt)  # the stored preprocessing
     model.meta = {k: ckpt.get(k) for k in ("metrics", "format") if k in ckpt}
     return model.eval().to(device)
 
@@ -118,8 +119,11 @@ def save_release(model: CrackClassifier, path: str | Path, metrics: dict | None 
           for k, v in model.state_dict().items()}
     hp = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(model.hparams).items()}
     hp.update(pretrained="none", weights_file=None)  # the file holds every weight: loading needs neither
+    import lightning
+
     obj = {
         "format": RELEASE_FORMAT,
+        "pytorch-lightning_version": lightning.__version__,  # so that CrackClassifier.load_from_checkpoint reads it
         "hyper_parameters": hp,
         "state_dict": sd,
         "preprocessing": model.pre.to_dict(),

@@ -143,6 +143,13 @@ class CrackClassifier(L.LightningModule):
         if hp is not None:
             checkpoint["initial_weights"] = {"pretrained": hp.get("pretrained"), "weights_file": hp.get("weights_file")}
             hp.update(pretrained="none", weights_file=None)
+        checkpoint["preprocessing"] = self.pre.to_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """What the model saw in training is what it sees after loading: the stored preprocessing,
+        not whatever timm's pretrained config of the architecture says today."""
+        if isinstance(checkpoint.get("preprocessing"), dict):
+            self.pre = Preprocessing.from_dict(checkpoint["preprocessing"])
 
     # ---- evaluation: collect every probability, gather across ranks, compute once --
     def _collect(self, stage: str, batch) -> None:

@@ -72,3 +72,54 @@ def test_other_architecture_is_refused(tmp_path):
     torch.save(obj, tmp_path / "swapped.pt")
     with pytest.raises(CheckpointError, match="does not match architecture mobilenetv3_small_050"):
         load_model(tmp_path / "swapped.pt")
+
+
+def test_release_file_loads_with_load_from_checkpoint_offline():
+    """The shipped release is a checkpoint Lightning users load the usual way, with no network and
+    no weights file; weights_only-safe (torch.load's default in Lightning for this file)."""
+    from crack_lightning import CrackClassifier
+
+    from conftest import ROOT
+
+    path = ROOT / "models" / "crack_lite0.pt"
+    m = CrackClassifier.load_from_checkpoint(path, map_location="cpu").eval()
+    ref = load_model(path)
+    assert m.hparams.backbone == "tf_efficientnet_lite0" and m.hparams.pretrained == "none"
+    assert float(m.threshold) == pytest.approx(float(ref.threshold)) == pytest.approx(0.6343, abs=1e-4)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.allclose(m(x), ref(x), atol=1e-5)
+    assert read_checkpoint(path)["preprocessing"] == {"size": 224, "mean": [0.5] * 3, "std": [0.5] * 3}
+
+
+def test_stored_preprocessing_wins_over_timms_current_config(tmp_path, monkeypatch):
+    """A timm upgrade that changed the architecture's default mean/std or size must not change what
+    a trained model sees: both loaders use the preprocessing stored in the file."""
+    import timm.data
+
+    torch.manual_seed(0)
+    m = CrackClassifier(pretrained="none", image_size=64)
+    save_release(m, tmp_path / "m.pt", half=False)
+    trainer_ckpt = {"state_dict": m.state_dict(), "hyper_parameters": dict(m.hparams),
+                    "pytorch-lightning_version": "2.6.6"}
+    m.on_save_checkpoint(trainer_ckpt)
+    torch.save(trainer_ckpt, tmp_path / "m.ckpt")
+    real = timm.data.resolve_data_config
+    monkeypatch.setattr(timm.data, "resolve_data_config",
+                        lambda *a, **k: {**real(*a, **k), "mean": (0.1, 0.2, 0.3), "std": (0.9, 0.9, 0.9)})
+    assert CrackClassifier(pretrained="none", image_size=64).pre.mean == (0.1, 0.2, 0.3)  # the "upgrade"
+    assert load_model(tmp_path / "m.pt").pre == m.pre
+    assert CrackClassifier.load_from_checkpoint(tmp_path / "m.ckpt", map_location="cpu").pre == m.pre
+
+
+def test_released_model_on_the_bundled_sample():
+    """The release, as predict.py runs it, on data/sample (200 Mendeley patches; some may have been in
+    its training split, so this guards the file and the pipeline, not generalisation)."""
+    from crack_lightning.predict import Predictor, compare
+
+    from conftest import SAMPLE
+
+    p = Predictor(num_workers=0)
+    rows = list(p.iter_rows(sorted(SAMPLE.rglob("*.jpg")), progress=False))
+    m = compare(rows, p.class_names, p.threshold)
+    assert m["n"] == 200 and m["acc"] >= 0.99

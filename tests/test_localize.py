@@ -90,7 +90,10 @@ def test_explain_writes_gradcam(trained_run, tmp_path):
                   "--output", str(tmp_path / "ex"))
     assert res.returncode == 0, res.stderr
     with Image.open(tmp_path / "ex" / f"{patch.stem}_gradcam.png") as im:
-        assert im.size[0] > 400
+        assert im.size[0] > 400 and im.size[0] > im.size[1]  # the patch and its map side by side
+        pixels = np.asarray(im.convert("RGB")).astype(int)
+    right = pixels[:, pixels.shape[1] // 2:]
+    assert (right[..., 0] - right[..., 2]).std() > 5  # a map with structure, not a flat panel
 
 
 def test_gradcam_is_normalised_and_not_flat(trained_run):

@@ -37,11 +37,16 @@ def test_freeze_keeps_backbone_fixed_and_bn_in_eval():
 
 
 def test_label_smoothing_changes_target():
+    """Smoothing s moves the targets to 1 - s/2 and s/2: the loss is BCE against those, exactly."""
     m = tiny(label_smoothing=0.2)
-    logits = torch.tensor([10.0])
-    smoothed = m._loss(logits, torch.tensor([1.0]))
-    plain = tiny()._loss(logits, torch.tensor([1.0]))
-    assert smoothed > plain
+    logits = torch.tensor([10.0, -3.0])
+    p = torch.sigmoid(logits)
+    targets = torch.tensor([0.9, 0.1])  # labels 1 and 0 with s = 0.2
+    expected = -(targets * p.log() + (1 - targets) * (1 - p).log()).mean()
+    assert torch.allclose(m._loss(logits, torch.tensor([1.0, 0.0])), expected, atol=1e-4)
+    plain = -(torch.tensor([1.0, 0.0]) * p.log() + torch.tensor([0.0, 1.0]) * (1 - p).log()).mean()
+    assert torch.allclose(tiny()._loss(logits, torch.tensor([1.0, 0.0])), plain, atol=1e-4)
+    assert abs(float(expected) - float(plain)) > 0.1  # and smoothing really changes it
 
 
 def test_threshold_is_part_of_state_dict():

@@ -1,7 +1,9 @@
 """End-to-end training through ``train.py``, as a user runs it (tiny settings)."""
 import csv
 import json
+from pathlib import Path
 
+import pytest
 import torch
 
 from crack_lightning.data import check_no_leak, read_split_csv
@@ -158,3 +160,34 @@ def test_crash_before_first_checkpoint_leaves_no_run_folder(tmp_path, monkeypatc
     monkeypatch.setattr(training, "run_stage", run_stage)
     result = training.train(cfg)  # same name, no --resume needed
     assert (tmp_path / "runs" / "r" / "model.pt").is_file() and result["after"]["test"]["n"] > 0
+
+
+def test_fpr_threshold_rule_and_val_f1_monitor_end_to_end(tmp_path):
+    """threshold_rule fpr: the stored threshold is the lowest whose validation false-positive rate is
+    within budget; monitor val_f1: the best checkpoint is the epoch of the highest val_f1 (mode max)."""
+    import csv as _csv
+
+    from crack_lightning.metrics import binary_metrics
+    from crack_lightning.predict import Predictor
+    from conftest import run_main
+
+    data = make_folder(tmp_path / "data", n_per_class=12)
+    res = run_main("train.py", "--config", "configs/quickstart.yaml", "--data.root", data, "--output_dir",
+                   tmp_path / "runs", "--run_name", "f", "--train.frozen.epochs", "4", "--train.frozen.patience", "10",
+                   "--train.threshold_rule", "fpr", "--train.target_fpr", "0.0", "--train.monitor", "val_f1",
+                   "--train.cache_features", "false", *TINY)
+    assert res.returncode == 0, res.stderr[-2000:]
+    run = tmp_path / "runs" / "f"
+    with open(run / "logs/frozen/metrics.csv") as f:
+        f1s = [(int(float(r["epoch"])), float(r["val_f1"])) for r in _csv.DictReader(f) if r.get("val_f1")]
+    best = json.loads((run / "checkpoints/frozen/done.json").read_text())
+    assert best["best_score"] == pytest.approx(max(v for _, v in f1s), abs=1e-6)
+    val = [r for r in read_split_csv(run / "split.csv") if r.split == "val"]
+    p = Predictor(run / "model.pt", engine="torch", num_workers=0)
+    probs = torch.tensor([r.probability for r in p.iter_rows([Path(r.path) for r in val], progress=False)])
+    labels = torch.tensor([float(r.label) for r in val])
+    thr = p.threshold
+    assert binary_metrics(probs, labels, thr)["fp"] == 0  # within the budget of 0 false positives
+    lower = probs[probs < thr - 1e-6]
+    if len(lower):  # any lower threshold (the next score down) would break the budget
+        assert binary_metrics(probs, labels, float(lower.max()))["fp"] > 0
