@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .errors import CheckpointError  # noqa: F401 - re-exported: callers import it from here too
 from .model import CrackClassifier
 from .weights import WeightsError
 
@@ -21,8 +22,6 @@ RELEASE_FORMAT = "crack_lightning.release/1"
 MODEL_ARGS = ("backbone", "drop_rate", "image_size", "class_names", "threshold_rule", "target_fpr", "head_hidden")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot (or must not) be loaded; the message says why."""
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

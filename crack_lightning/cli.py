@@ -5,16 +5,12 @@ import errno
 import sys
 from typing import Callable
 
-from .checkpoint import CheckpointError
-from .config import ConfigError, dump_yaml, load_config, parse_overrides
-from .data import DataError
-from .images import BadImageError
-from .io import OutputError, path_text
-from .predict import InputError
-from .weights import WeightsError
+from .config import dump_yaml, load_config, parse_overrides
+from .errors import ConfigError, UserError
+from .io import path_text
 
-USER_ERRORS = (ConfigError, DataError, InputError, WeightsError, CheckpointError, BadImageError, OutputError,
-               PermissionError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+# only light modules above: a mistake in the command line or a config file is reported without torch
+USER_ERRORS = (UserError, PermissionError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
 # a disk that fills up, a quota, a read-only or vanished file system: the user's to fix, not a bug
 ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EIO, errno.ENAMETOOLONG}
 

@@ -17,9 +17,9 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+from .errors import ConfigError  # noqa: F401 - re-exported: callers import it from here too
 
-class ConfigError(ValueError):
-    """A configuration problem the user can fix; the message names the key."""
+
 
 
 @dataclass

@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
+from .errors import DataError  # noqa: F401 - re-exported: callers import it from here too
 from .config import DataConfig
 from .images import BadImageError, decode_image, is_image_file
 from .transforms import Preprocessing, eval_transform, stack_uint8, train_transform
@@ -31,8 +32,6 @@ from .transforms import Preprocessing, eval_transform, stack_uint8, train_transf
 SPLITS = ("train", "val", "test")
 
 
-class DataError(ValueError):
-    """A data set problem the user must fix; the message names it."""
 
 
 @dataclass

@@ -20,6 +20,8 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import BadImageError  # noqa: F401 - re-exported: callers import it from here too
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 MAX_PIXELS = 200_000_000  # ~14k x 14k: far above any camera photo, far below what exhausts memory
 MIN_SIDE = 16
@@ -32,8 +34,6 @@ _STDERR_LOCK = threading.Lock()
 warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.TiffImagePlugin")
 
 
-class BadImageError(ValueError):
-    """A file that cannot be used as an image; the message is the reason."""
 
 
 def is_image_file(path: Path) -> bool:

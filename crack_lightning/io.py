@@ -9,6 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+from .errors import OutputError  # noqa: F401 - re-exported: callers import it from here too
+
 
 @contextlib.contextmanager
 def atomic_write(path: str | Path, mode: str = "w", **kwargs) -> Iterator[Any]:
@@ -104,8 +106,6 @@ def path_from_csv(cell: str) -> str:
 
 
 # ---- where outputs go -------------------------------------------------------------------------
-class OutputError(ValueError):
-    """An output location that must not or cannot be written; the message says which and why."""
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from .errors import InputError  # noqa: F401 - re-exported: callers import it from here too
 from .checkpoint import load_model
 from .data import make_loader
 from .images import MAX_PIXELS, BadImageError, decode_image, is_image_file
@@ -28,8 +29,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CHECKPOINT = REPO_ROOT / "models" / "crack_lite0.pt"
 
 
-class InputError(ValueError):
-    """Prediction inputs that match no image."""
 
 
 def collect_inputs(inputs: Sequence[str]) -> list[Path]:

@@ -24,12 +24,12 @@ import timm
 import torch
 from torch import nn
 
+from .errors import WeightsError  # noqa: F401 - re-exported: callers import it from here too
+
 LITE0_ARCH = "tf_efficientnet_lite0"
 PRETRAINED_SOURCES = ("timm", "lite0", "none")
 
 
-class WeightsError(RuntimeError):
-    """Pretrained weights could not be obtained or do not fit the model."""
 
 
 def lite0_package_file() -> Path:

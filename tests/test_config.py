@@ -112,3 +112,21 @@ def test_text_keys_take_the_value_as_written_and_lists_split_on_commas():
     assert load_config(None, [("model.weights_file", "null")]).model.weights_file is None
     assert load_config(None, [("trainer.devices", "2")]).trainer.devices == 2  # int or str: YAML decides
     assert load_config(None, [("trainer.devices", "auto")]).trainer.devices == "auto"
+
+
+def test_a_config_mistake_is_reported_without_importing_torch():
+    """One user-error family (crack_lightning.errors), importable without torch: a typo costs no torch import."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from crack_lightning.cli import guarded, train_main; "
+            "rc = guarded(lambda: train_main(['--data.bogus', '1'])); "
+            "print(rc, 'torch' in sys.modules, 'lightning' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert res.stdout.split() == ["2", "False", "False"], res.stderr
+    assert res.stderr.startswith("error: unknown config key 'data.bogus'")
+    from crack_lightning.errors import UserError
+    from crack_lightning.checkpoint import CheckpointError
+    from crack_lightning.images import BadImageError
+
+    assert issubclass(CheckpointError, UserError) and issubclass(BadImageError, UserError)
