@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import glob
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -25,8 +26,18 @@ from .io import atomic_write, csv_path, csv_text
 from .metrics import binary_metrics
 from .transforms import Preprocessing, eval_transform, stack_uint8
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CHECKPOINT = REPO_ROOT / "models" / "crack_lite0.pt"
+RELEASE_NAME = "crack_lite0.pt"
+
+
+def default_checkpoint(checkout: Path | None = None, prefix: Path | None = None) -> Path:
+    """The released model: ``models/`` of the checkout (a clone or an editable install), else the
+    copy a regular install places under ``<prefix>/share/crack_lightning/models`` (pyproject data-files)."""
+    candidates = [(checkout or Path(__file__).resolve().parent.parent) / "models" / RELEASE_NAME,
+                  Path(prefix or sys.prefix) / "share" / "crack_lightning" / "models" / RELEASE_NAME]
+    return next((c for c in candidates if c.is_file()), candidates[0])
+
+
+DEFAULT_CHECKPOINT = default_checkpoint()
 
 
 

@@ -113,3 +113,28 @@ def test_resize_on_the_device_gives_the_same_probabilities(tmp_path):
     assert len(p_device) == len(files) and p_device == p_worker
     p_onnx = [r.probability for r in Predictor(batch_size=8, num_workers=0).iter_rows(files, progress=False)]
     assert max(abs(a - b) for a, b in zip(p_onnx, p_device)) < 1e-4
+
+
+def test_a_regular_install_carries_and_finds_the_released_model(tmp_path):
+    """A non-editable install has no checkout: the wheel ships the model as data under
+    share/crack_lightning/models, and default_checkpoint looks there after the checkout."""
+    import subprocess
+    import sys
+    import zipfile
+
+    from crack_lightning.predict import default_checkpoint
+    from conftest import ROOT
+
+    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(ROOT),
+                          "-w", str(tmp_path / "whl")], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    (wheel,) = (tmp_path / "whl").glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert any(n.endswith(".data/data/share/crack_lightning/models/crack_lite0.pt") for n in names)
+    assert "crack_lightning/static/app.js" in names
+    assert default_checkpoint() == ROOT / "models" / "crack_lite0.pt"  # a checkout first
+    prefix = tmp_path / "venv"
+    (prefix / "share/crack_lightning/models").mkdir(parents=True)
+    (prefix / "share/crack_lightning/models/crack_lite0.pt").write_bytes(b"x")
+    assert default_checkpoint(checkout=tmp_path / "none", prefix=prefix) == \
+        prefix / "share/crack_lightning/models/crack_lite0.pt"
