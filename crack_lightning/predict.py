@@ -230,6 +230,7 @@ class Predictor:
     def iter_rows(self, paths: Sequence[Path], progress: bool = True) -> Iterator[Row]:
         """One row per path, in order. One batch stays in flight: a GPU computes it while
         the next one is fetched, instead of idling until the host has written its rows."""
+        paths = [Path(p) for p in paths]
         pending = None
         for x, idx, errors in tqdm(self.loader(paths), desc="predicting", unit="batch", disable=not progress):
             launched = (None if x is None else self._launch(x), idx, errors)
