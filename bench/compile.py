@@ -28,7 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from crack_lightning.checkpoint import load_model  # noqa: E402
-from crack_lightning.export import ProbabilityModel, onnx_runner  # noqa: E402
+from crack_lightning.engine import onnx_runner  # noqa: E402
+from crack_lightning.export import ProbabilityModel  # noqa: E402
 from crack_lightning.io import write_results  # noqa: E402
 
 

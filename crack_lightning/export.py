@@ -7,15 +7,14 @@ deployment outside Python needs nothing else.
 """
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
-from typing import BinaryIO, Callable
 
 import torch
 from torch import nn
 
 from .checkpoint import load_model
+from .engine import session, to_onnx
 from .io import atomic_write, write_json
 from .model import CrackClassifier
 from .transforms import Preprocessing
@@ -50,35 +49,6 @@ def contract(model: CrackClassifier) -> dict:
     }
 
 
-def _to_onnx(module: nn.Module, size: int, f: BinaryIO, opset: int = 17) -> None:
-    """Trace ``module`` (images ``[N,3,size,size]`` in) to ONNX with a dynamic batch dimension."""
-    torch.onnx.export(module.eval(), (torch.zeros(1, 3, size, size),), f, dynamo=False, input_names=["image"],
-                      output_names=["probability"], dynamic_axes={"image": {0: "batch"}, "probability": {0: "batch"}},
-                      opset_version=opset)
-
-
-def _session(model_bytes_or_path, threads: int = 0):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-    return ort.InferenceSession(model_bytes_or_path, opts, providers=["CPUExecutionProvider"])
-
-
-def onnx_runner(module: nn.Module, size: int, threads: int = 0) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Compile ``module`` to an in-memory ONNX Runtime session (2-3x PyTorch eager on a CPU).
-
-    Used for CPU prediction and for computing cached backbone features; the
-    outputs match PyTorch to ~1e-5 (checked in the tests).
-    """
-    buf = io.BytesIO()
-    with torch.no_grad():
-        _to_onnx(module, size, buf)
-    session = _session(buf.getvalue(), threads)
-    return lambda x: torch.from_numpy(session.run(None, {"image": x.float().contiguous().numpy()})[0])
-
-
 def export(checkpoint: str | Path, out_dir: str | Path, name: str = "model", opset: int = 17) -> dict[str, Path]:
     """Write ``name.onnx``, ``name.torchscript.pt`` and ``name.json`` into ``out_dir``."""
     model = load_model(checkpoint).float().eval()
@@ -88,7 +58,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, name: str = "model", ops
     example = torch.zeros(1, 3, model.pre.size, model.pre.size)
     paths = {"onnx": out / f"{name}.onnx", "torchscript": out / f"{name}.torchscript.pt", "contract": out / f"{name}.json"}
     with atomic_write(paths["onnx"], "wb") as f:
-        _to_onnx(wrapped, model.pre.size, f, opset)
+        to_onnx(wrapped, model.pre.size, f, opset)
     with torch.no_grad():
         traced = torch.jit.trace(wrapped, example)
     with atomic_write(paths["torchscript"], "wb") as f:
@@ -124,7 +94,7 @@ class OnnxModel:
             raise CheckpointError(f"{meta_path} is not a valid model contract ({exc.__class__.__name__}: "
                                   f"{str(exc)[:200]})") from exc
         try:
-            self.session = _session(str(path), threads)
+            self.session = session(str(path), threads)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own classes for a damaged model
             raise CheckpointError(f"cannot load {path}: not a valid ONNX model ({str(exc).splitlines()[0][:200]})") \
                 from exc

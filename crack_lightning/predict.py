@@ -175,12 +175,11 @@ class Predictor:
             from .checkpoint import check_threshold
 
             self.threshold = check_threshold(stored, self.checkpoint)
-        if self.engine not in ("auto", "torch", "onnx"):
-            raise ValueError(f"engine must be auto, torch or onnx, got {self.engine!r}")
+        from .engine import onnx_runner, use_onnx
+
         self._run = None
-        if isinstance(self.model, torch.nn.Module) and (
-                self.engine == "onnx" or (self.engine == "auto" and str(self.device) == "cpu")):
-            from .export import ProbabilityModel, onnx_runner
+        if isinstance(self.model, torch.nn.Module) and use_onnx(self.engine, self.device):
+            from .export import ProbabilityModel
 
             self._run = onnx_runner(ProbabilityModel(self.model).float(), self.pre.size)
 

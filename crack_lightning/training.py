@@ -336,28 +336,17 @@ def feature_device(cfg: Config) -> torch.device:
 
 
 def feature_extractor(model: CrackClassifier, engine: str = "auto", device: torch.device | str = "cpu"):
-    """The frozen backbone as a function of image batches.
+    """The frozen backbone as a function of image batches (uint8 or normalised), on the engine
+    :mod:`crack_lightning.engine` picks; the features come back as float32 on the CPU."""
+    from .engine import onnx_runner, torch_runner, use_onnx
 
-    ONNX Runtime on a CPU (2-3x PyTorch eager there); on a GPU, PyTorch with
-    channels_last and bf16 autocast. The features come back as float32 on the CPU.
-    """
     model.eval()
-    device = torch.device(device)
     pre = model.pre
-    if engine == "onnx" or (engine == "auto" and device.type == "cpu"):
-        from .export import onnx_runner
-
+    if use_onnx(engine, device):
         ort = onnx_runner(model.backbone, pre.size)
         return lambda x: ort(pre.model_input(x))
-    backbone = copy.deepcopy(model.backbone).to(device, memory_format=torch.channels_last)
-
-    @torch.inference_mode()
-    def run(x: torch.Tensor) -> torch.Tensor:
-        x = x.to(device, non_blocking=True)
-        x = pre.model_input(x).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            return backbone(x).float().cpu()
-    return run
+    run = torch_runner(copy.deepcopy(model.backbone), device)
+    return lambda x: run(pre.model_input(x.to(device, non_blocking=True))).cpu()
 
 
 @torch.inference_mode()

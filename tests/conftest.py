@@ -6,6 +6,7 @@ import io
 import os
 import signal
 import subprocess
+import tempfile
 import sys
 from pathlib import Path
 
@@ -14,6 +15,8 @@ import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
+# ONNX exports are cached on disk (crack_lightning.engine): the tests use a cache of their own
+os.environ.setdefault("CRACK_LIGHTNING_CACHE", tempfile.mkdtemp(prefix="crack_lightning_test_cache_"))
 SAMPLE = ROOT / "data" / "sample"
 
 

@@ -1,0 +1,103 @@
+"""Which engine runs a network, and how: the one place that decides.
+
+* ``auto``: ONNX Runtime on a CPU (2-3x PyTorch eager there, same numbers to ~1e-5), PyTorch on a
+  GPU (channels_last, bf16 autocast: tensor cores);
+* ``onnx`` / ``torch``: forced.
+
+Prediction (:class:`~crack_lightning.predict.Predictor`) and the cached-feature frozen stage
+(:func:`~crack_lightning.training.feature_extractor`) both ask here. An ONNX export costs a second
+or two per start, so exports are cached on disk by the network's weights (``~/.cache/crack_lightning/onnx``,
+or ``$CRACK_LIGHTNING_CACHE``): the second start of ``predict.py`` with the same model loads it.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+ENGINES = ("auto", "onnx", "torch")
+OPSET = 17
+
+
+def use_onnx(engine: str, device: torch.device | str) -> bool:
+    """Whether ``engine`` on ``device`` means ONNX Runtime."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    return engine == "onnx" or (engine == "auto" and torch.device(device).type == "cpu")
+
+
+def to_onnx(module: nn.Module, size: int, f, opset: int = OPSET) -> None:
+    """Trace ``module`` (images ``[N,3,size,size]`` in) to ONNX with a dynamic batch dimension."""
+    torch.onnx.export(module.eval(), (torch.zeros(1, 3, size, size),), f, dynamo=False, input_names=["image"],
+                      output_names=["probability"], dynamic_axes={"image": {0: "batch"}, "probability": {0: "batch"}},
+                      opset_version=opset)
+
+
+def session(model_bytes_or_path, threads: int = 0):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(model_bytes_or_path, opts, providers=["CPUExecutionProvider"])
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CRACK_LIGHTNING_CACHE") or Path.home() / ".cache" / "crack_lightning") / "onnx"
+
+
+def export_key(module: nn.Module, size: int) -> str:
+    """What identifies an export: the module's class, its weights and buffers, the input size, the
+    exporter (torch version, opset)."""
+    h = hashlib.sha256(f"{type(module).__qualname__}|{size}|{torch.__version__}|{OPSET}".encode())
+    for name, tensor in module.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def cached_onnx(module: nn.Module, size: int) -> bytes:
+    """The ONNX export of ``module``, from the on-disk cache when this exact network was exported
+    before; a cache that cannot be written is skipped, never an error."""
+    from .io import atomic_write
+
+    path = cache_dir() / f"{export_key(module, size)}.onnx"
+    if path.is_file():
+        try:
+            return path.read_bytes()
+        except OSError:
+            pass
+    buf = io.BytesIO()
+    with torch.no_grad():
+        to_onnx(module, size, buf)
+    data = buf.getvalue()
+    try:
+        with atomic_write(path, "wb") as f:
+            f.write(data)
+    except OSError:
+        pass
+    return data
+
+
+def onnx_runner(module: nn.Module, size: int, threads: int = 0) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``module`` as an ONNX Runtime function of normalised float batches ``[N,3,size,size]``."""
+    sess = session(cached_onnx(module, size), threads)
+    return lambda x: torch.from_numpy(sess.run(None, {"image": x.float().contiguous().numpy()})[0])
+
+
+def torch_runner(module: nn.Module, device: torch.device | str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``module`` in PyTorch on ``device``: channels_last, bf16 autocast on a GPU; float32 out."""
+    device = torch.device(device)
+    module = module.to(device, memory_format=torch.channels_last).eval()
+
+    @torch.inference_mode()
+    def run(x: torch.Tensor) -> torch.Tensor:
+        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            return module(x).float()
+    return run
