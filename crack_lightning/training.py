@@ -274,7 +274,9 @@ def hardware() -> str:
 def prepare_data(cfg: Config, run_dir: Path, resume: bool) -> list[Record]:
     """Scan and split (or re-read the split of the run being resumed)."""
     split_csv = run_dir / "split.csv"
-    if resume and split_csv.is_file():
+    if (resume or not is_global_zero()) and split_csv.is_file():
+        # resuming, or a DDP worker (Lightning's launcher re-runs this script per rank once the first
+        # Trainer starts, after rank 0 has scanned and written split.csv): read, never scan again
         return read_split_csv(split_csv)
     d = cfg.data
     records, bad = scan_sources(d, workers=max(1, d.num_workers))
@@ -503,13 +505,22 @@ def _train(cfg: Config, run_dir: Path, resume: bool, start: float) -> dict:
         write_text(run_dir / "model_summary.txt", f"{ModelSummary(model, max_depth=2)}\n\n{model}\n")
 
     cached = cfg.train.cache_features and cfg.train.frozen.epochs > 0
+    features_file = run_dir / "features.pt"  # rank 0's feature cache, read by DDP workers
     if cached:
         model.freeze_backbone(True)
-        extract = feature_extractor(model, cfg.train.feature_engine, feature_device(cfg))
-        dm.features = {s: compute_features(extract, dm.eval_loader(s), s) for s in ("train", "val", "test") if dm.split(s)}
-        views = [compute_features(extract, dm.eval_loader("train", augment=True), f"train, augmented view {k + 1}")
-                 for k in range(cfg.train.feature_views)]
-        dm.features["train"] = TensorItems.concat([dm.features["train"], *views])
+        if not is_global_zero() and features_file.is_file():
+            stored = torch.load(features_file, weights_only=True)
+            dm.features = {s: TensorItems(f, y) for s, (f, y) in stored.items()}
+        else:
+            extract = feature_extractor(model, cfg.train.feature_engine, feature_device(cfg))
+            dm.features = {s: compute_features(extract, dm.eval_loader(s), s)
+                           for s in ("train", "val", "test") if dm.split(s)}
+            views = [compute_features(extract, dm.eval_loader("train", augment=True),
+                                      f"train, augmented view {k + 1}") for k in range(cfg.train.feature_views)]
+            dm.features["train"] = TensorItems.concat([dm.features["train"], *views])
+            if is_global_zero():  # for DDP workers, if the strategy starts any (deleted at the end)
+                with atomic_write(features_file, "wb") as f:
+                    torch.save({s: (t.features, t.labels) for s, t in dm.features.items()}, f)
 
     before = evaluate(cfg, model, dm, run_dir)
     stages = {}
@@ -533,4 +544,6 @@ def _train(cfg: Config, run_dir: Path, resume: bool, start: float) -> dict:
                               cfg.data.class_names)
         save_release(model, run_dir / "model.pt", metrics={"test": after.get("test"), "val": after.get("val")})
         write_json(run_dir / "metrics.json", result)
+        features_file.unlink(missing_ok=True)  # only the workers of this run needed it
     return result
+

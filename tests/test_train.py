@@ -64,10 +64,14 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     data = make_folder(tmp_path / "data", n_per_class=8)
     res = run_cli("train.py", "--config", "configs/quickstart.yaml", "--data.root", str(data), "--output_dir",
                   str(tmp_path / "runs"), "--run_name", "ddp", "--train.frozen.epochs", "1",
-                  "--train.finetune.epochs", "1", "--train.cache_features", "false",
+                  "--train.finetune.epochs", "1", "--train.cache_features", "true",
                   "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp", *TINY)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("test accuracy") == 1  # once, not once per process
+    # the scan and the feature cache ran once, in rank 0; the second process read them
+    assert res.stderr.count("scanning images:   0%") == 1, res.stderr[-3000:]
+    assert res.stderr.count("caching features (train):   0%") == 1
+    assert not (tmp_path / "runs" / "ddp" / "features.pt").exists()  # removed once the run ended
     assert "sync_dist" not in res.stderr and "DistributedSampler" not in res.stderr
     metrics = json.loads((tmp_path / "runs" / "ddp" / "metrics.json").read_text())
     assert metrics["stages"]["frozen"]["world_size"] == 2
