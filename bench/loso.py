@@ -140,16 +140,18 @@ def main() -> int:
             crack_roots = [field / s for s in held if s != "concrete_nocrack"]
             probs, labels = tile_probabilities(predictor, crack_roots)
             row = {"held_out": list(held), "trained_on": ["mendeley"] + [Path(e).name for e in extra],
-                   "threshold": round(thr, 4), "train_wall_s": round(wall, 1), "held_out_tiles": scores(probs, labels, thr)}
+                   "threshold": round(thr, 4), "train_wall_s": round(wall, 1),
+                   "held_out_tiles": scores(probs, labels, thr)}
             if "concrete_nocrack" in held:
                 p0, _ = tile_probabilities(predictor, [field / "concrete_nocrack"])
-                row["false_alarms_crack_free_walls"] = {"n": len(p0), "rate": round(float((p0 >= thr).float().mean()), 4)}
+                rate = round(float((p0 >= thr).float().mean()), 4)
+                row["false_alarms_crack_free_walls"] = {"n": len(p0), "rate": rate}
             with open(Path(run["run_dir"]) / "test_predictions.csv", encoding="utf-8") as f:
                 mtest = [r for r in csv.DictReader(f) if r["source"] == "mendeley"]
             row["mendeley_test_acc"] = round(sum(int(r["correct"]) for r in mtest) / max(1, len(mtest)), 4)
             row["mendeley_test_n"] = len(mtest)
-            row["localize"] = localize_scores(predictor, crack_roots, docs_heatmap=args.heatmap if fold == args.heatmap_fold
-                                              else None)
+            heatmap = args.heatmap if fold == args.heatmap_fold else None
+            row["localize"] = localize_scores(predictor, crack_roots, docs_heatmap=heatmap)
             rows = list(predictor.iter_rows(masonry, progress=False))
             row["masonry_recall"] = round(sum(r.label == predictor.class_names[1] for r in rows) / len(rows), 4)
             row["run_dir"] = run["run_dir"]

@@ -313,7 +313,8 @@ def serve_parser():
     p.add_argument("--api-key", default=None,
                    help=f"require this key in the {API_KEY_HEADER} header of every API request "
                         "(default: the CRACK_LIGHTNING_API_KEY environment variable, else none)")
-    p.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB, help="largest request body (413 over it)")
+    p.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB,
+                   help="largest request body (413 over it)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="largest image accepted, in pixels")
     p.add_argument("--max-queue", type=int, default=512, help="images waiting for the model before 503")
     p.add_argument("--max-batch", type=int, default=32, help="images per model call")
