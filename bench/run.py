@@ -17,7 +17,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -27,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from harness import OUT_HELP, describe, hardware, out_path  # noqa: E402
 from crack_lightning.checkpoint import load_model  # noqa: E402
 from crack_lightning.config import DataConfig  # noqa: E402
 from crack_lightning.data import CrackDataModule, Record, list_images  # noqa: E402
@@ -38,12 +38,6 @@ from crack_lightning.transforms import area_resize, eval_transform, resize_op, t
 
 
 CLASSES = ("Negative", "Positive")
-
-
-def hardware() -> dict:
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"machine": platform.machine(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "gpu": gpu, "torch": torch.__version__}
 
 
 def sample_files(root: Path, n: int) -> list[Path]:
@@ -304,8 +298,7 @@ def time_to_accuracy(run: Path | None) -> dict | None:
 def table(r: dict) -> str:
     p, t = r["predict"], r["training"]
     lines = [
-        f"Hardware: {r['hardware']['machine']} {r['hardware']['cpu_count']} cores, torch threads "
-        f"{r['hardware']['torch_threads']}, GPU: {r['hardware']['gpu'] or 'none'} (benchmarked on {p.get('device', 'cpu')}); "
+        f"Hardware: {describe(r['hardware'])} (benchmarked on {p.get('device', 'cpu')}); "
         f"image size {p['image_size']}; training batch {t['batch']}, {t['decode_workers']} loader worker(s)",
         "",
         "| measurement | plain baseline | crack_lightning | ratio |",
@@ -351,8 +344,9 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--batch", type=int, default=32, help="batch size (the GPU rule is 256)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
-    ap.add_argument("--out", default="bench/results.json")
+    ap.add_argument("--out", default=None, help=OUT_HELP)
     args = ap.parse_args()
+    args.out = str(out_path(args.out, "run"))  # resolved once: every write goes to one file
 
     device = torch.device(args.device)
     if device.type == "cpu":

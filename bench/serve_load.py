@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -29,6 +27,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from harness import OUT_HELP, hardware, out_path  # noqa: E402
 from crack_lightning.images import is_image_file  # noqa: E402
 from crack_lightning.io import write_results  # noqa: E402
 from crack_lightning.predict import Predictor  # noqa: E402
@@ -110,8 +109,9 @@ def main() -> int:
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--requests", type=int, default=2000, help="at most this many requests per level")
     ap.add_argument("--seconds", type=float, default=20.0, help="at most this long per level")
-    ap.add_argument("--out", default="bench/serve_load.json")
+    ap.add_argument("--out", default=None, help=OUT_HELP)
     args = ap.parse_args()
+    args.out = str(out_path(args.out, "serve_load"))  # resolved once: every write goes to one file
 
     paths = sorted(p for p in Path(args.data).rglob("*") if is_image_file(p))
     if not paths:
@@ -140,7 +140,7 @@ def main() -> int:
     for lv in levels:
         lv["vs_predict_py"] = round(lv["images_per_s"] / reference["images_per_s"], 3)
     result = {
-        "host": platform.node(), "machine": f"{platform.machine()}, {os.cpu_count()} cores", "data": args.data,
+        "hardware": hardware(), "data": args.data,
         "levels": levels, "predict_py": reference, "server_peak_rss_mb": round(server_peak, 1),
         "localize_12mp": {"pixels": "4086x2951", "tiles": tiles, "seconds": round(localize_s, 2)},
     }

@@ -7,7 +7,7 @@ from conftest import ROOT, SAMPLE, run_cli
 
 
 def test_pack_data_splits_and_keeps_every_file(tmp_path):
-    spec = importlib.util.spec_from_file_location("pack_data", ROOT / "bench" / "pack_data.py")
+    spec = importlib.util.spec_from_file_location("pack_data", ROOT / "tools" / "pack_data.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     parts = mod.pack(SAMPLE, tmp_path / "parts", first_mib=0.2, mib=0.5)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Pack a data folder into gzip tar parts small enough to carry to a lent GPU machine.
 
-    python bench/pack_data.py ../shared/data/mendeley .pack --first-mib 20 --mib 45
+    python tools/pack_data.py ../shared/data/mendeley .pack --first-mib 20 --mib 45
 
 A device call carries at most 64 MiB with the working tree (~9 MiB), so the 30,000
 Mendeley JPEGs (175 MiB) travel as 5 parts: the first smaller, to leave room for the
