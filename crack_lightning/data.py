@@ -351,20 +351,37 @@ class TensorItems(Dataset):
 
 
 class CrackDataModule(L.LightningDataModule):
-    """Loaders over a split table. Train gets augmentation; val/test/predict the eval transform.
+    """The data of a run: ``prepare_data`` scans and splits once (``split.csv``), ``setup`` reads it,
+    the loaders serve it (train with augmentation, val/test with the eval transform). Given
+    ``records``, it serves those (tests, benchmarks).
 
     ``device_normalize``: batches stay uint8 ``(B,H,W,3)`` and the model normalises them on
     the GPU (a quarter of the bytes to pin and copy, which is what starves a fast GPU);
     ``defer_resize`` also leaves the eval resize to the GPU (see :func:`stack_uint8`).
     """
 
-    def __init__(self, cfg: DataConfig, records: list[Record], pre: Preprocessing, device_normalize: bool = False,
-                 defer_resize: bool = False):
+    def __init__(self, cfg: DataConfig, records: list[Record] | None = None, pre: Preprocessing | None = None,
+                 device_normalize: bool = False, defer_resize: bool = False, run_dir: str | Path | None = None):
         super().__init__()
         self.cfg, self.records, self.pre = cfg, records, pre
+        self.run_dir = Path(run_dir) if run_dir else None
         self.device_normalize = device_normalize
         self.defer_resize = device_normalize and defer_resize
         self.features: dict[str, TensorItems] = {}
+
+    def prepare_data(self) -> None:
+        """Once per run (rank 0; Lightning calls it on one process per node): scan, hash and split
+        into ``run_dir/split.csv``. A split already there (a resumed run, or the one rank 0 wrote
+        before DDP workers started) is kept."""
+        if self.records is None and self.run_dir and not (self.run_dir / "split.csv").is_file():
+            build_split(self.cfg, self.run_dir)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Every process: read the split ``prepare_data`` wrote (once; later calls keep it)."""
+        if self.records is None:
+            if not self.run_dir or not (self.run_dir / "split.csv").is_file():
+                raise DataError("no split to train on: CrackDataModule.prepare_data() has not written split.csv")
+            self.records = read_split_csv(self.run_dir / "split.csv")
 
     def split(self, name: str) -> list[Record]:
         return [r for r in self.records if r.split == name]
@@ -418,6 +435,59 @@ class CrackDataModule(L.LightningDataModule):
         return self._loader(ImageDataset(self.split(name), self._transform(augment)), shuffle=False)
 
 
+def build_split(cfg: DataConfig, out_dir: Path) -> list[Record]:
+    """Scan every source, drop unusable files and label conflicts (listed in ``bad_images.csv``),
+    split by groups, refuse data that cannot make an honest model, write ``split.csv``."""
+    from .io import atomic_write, csv_path, csv_text, path_text
+
+    records, bad = scan_sources(cfg, workers=max(1, cfg.num_workers))
+    conflicts = label_conflicts(records)
+    skipped = bad + [(r.path, "identical copy exists under the other class") for r in conflicts]
+    if skipped:
+        with atomic_write(out_dir / "bad_images.csv", "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["path", "reason"])
+            w.writerows((csv_path(p), csv_text(reason)) for p, reason in skipped)
+        print(f"skipped {len(skipped)} unusable file(s) (listed in {path_text(out_dir / 'bad_images.csv')}), e.g.:")
+        for p, reason in skipped[:3]:
+            print(f"  {path_text(p)}: {reason}")
+    if all(r.split for r in records):
+        conflicted = {r.path for r in conflicts}
+        records = [r for r in records if r.path not in conflicted]
+        check_no_leak(records)
+    else:
+        records = split_records(records, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    records = subsample(records, cfg.max_per_class, cfg.seed)
+    check_trainable(records, cfg.class_names, need_test=cfg.test_fraction > 0 or all(r.split for r in records),
+                    skipped=len(skipped))
+    write_split_csv(records, out_dir / "split.csv", cfg.class_names)
+    print(split_summary(records, cfg.class_names) + f" -> {path_text(out_dir / 'split.csv')}")
+    return records
+
+
+def check_trainable(records: list[Record], class_names: list[str], need_test: bool, skipped: int = 0) -> None:
+    """Refuse, before any training, data that cannot make an honest model: every split needs
+    both classes (what is left after bad files and label conflicts are removed)."""
+    counts = class_counts(records)
+    needed = ("train", "val", "test") if need_test else ("train", "val")
+    short = [s for s in needed if any(counts.get(s, {}).get(k, 0) == 0 for k in range(len(class_names)))]
+    if short:
+        have = "; ".join(f"{s}: " + ", ".join(f"{counts.get(s, {}).get(k, 0)} {n}" for k, n in enumerate(class_names))
+                         for s in needed)
+        raise DataError(f"too few usable images: split(s) {', '.join(short)} lack a class ({have}"
+                        f"{f'; {skipped} file(s) skipped as unusable or conflicting' if skipped else ''}). "
+                        "Training needs both classes in train, validation and test: add images or change the fractions")
+
+
+def split_summary(records: list[Record], class_names: list[str]) -> str:
+    """``split: train 120 (60 Negative / 60 Positive), val 40 (...), test 40 (...)``"""
+    counts = class_counts(records)
+    parts = [f"{s} {sum(counts[s].values())} (" + " / ".join(f"{counts[s].get(k, 0)} {n}"
+                                                          for k, n in enumerate(class_names)) + ")"
+             for s in ("train", "val", "test") if s in counts]
+    return "split: " + ", ".join(parts)
+
+
 def class_counts(records: list[Record]) -> dict[str, dict[int, int]]:
     out: dict[str, dict[int, int]] = {}
     for r in records:
@@ -427,7 +497,7 @@ def class_counts(records: list[Record]) -> dict[str, dict[int, int]]:
 
 
 __all__ = [
-    "scan_sources", "CrackDataModule", "DataError", "ImageDataset", "Record", "TensorItems", "Uint8Batches", "check_no_leak",
+    "build_split", "check_trainable", "split_summary", "scan_sources", "CrackDataModule", "DataError", "ImageDataset", "Record", "TensorItems", "Uint8Batches", "check_no_leak",
     "class_counts", "label_conflicts", "list_images", "make_loader", "read_split_csv", "scan", "split_records",
     "subsample", "write_split_csv",
 ]

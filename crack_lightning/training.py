@@ -38,8 +38,7 @@ from tqdm.auto import tqdm
 from .checkpoint import read_checkpoint, save_release
 from .config import Config, ConfigError, dump_yaml
 from .console import ProgressBar, quiet_lightning
-from .data import (CrackDataModule, Record, TensorItems, check_no_leak, class_counts, label_conflicts,
-                   read_split_csv, scan_sources, split_records, subsample, write_split_csv)
+from .data import CrackDataModule, Record, TensorItems, class_counts
 from .io import atomic_write, csv_path, csv_text, path_text, write_json, write_text
 from .model import CrackClassifier
 
@@ -271,65 +270,6 @@ def hardware() -> str:
     return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
 
 
-def prepare_data(cfg: Config, run_dir: Path, resume: bool) -> list[Record]:
-    """Scan and split (or re-read the split of the run being resumed)."""
-    split_csv = run_dir / "split.csv"
-    if (resume or not is_global_zero()) and split_csv.is_file():
-        # resuming, or a DDP worker (Lightning's launcher re-runs this script per rank once the first
-        # Trainer starts, after rank 0 has scanned and written split.csv): read, never scan again
-        return read_split_csv(split_csv)
-    d = cfg.data
-    records, bad = scan_sources(d, workers=max(1, d.num_workers))
-    conflicts = label_conflicts(records)
-    skipped = bad + [(r.path, "identical copy exists under the other class") for r in conflicts]
-    if skipped:
-        with atomic_write(run_dir / "bad_images.csv", "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f)
-            w.writerow(["path", "reason"])
-            w.writerows((csv_path(p), csv_text(reason)) for p, reason in skipped)
-        print(f"skipped {len(skipped)} unusable file(s) (listed in {path_text(run_dir / 'bad_images.csv')}), e.g.:")
-        for p, reason in skipped[:3]:
-            print(f"  {path_text(p)}: {reason}")
-    if all(r.split for r in records):
-        conflicted = {r.path for r in conflicts}
-        records = [r for r in records if r.path not in conflicted]
-        check_no_leak(records)
-    else:
-        records = split_records(records, d.val_fraction, d.test_fraction, d.seed)
-    records = subsample(records, d.max_per_class, d.seed)
-    check_trainable(records, d.class_names, need_test=d.test_fraction > 0 or all(r.split for r in records),
-                    skipped=len(skipped))
-    if is_global_zero():
-        write_split_csv(records, split_csv, d.class_names)
-        print(split_summary(records, d.class_names) + f" -> {split_csv}")
-    return records
-
-
-def check_trainable(records: list[Record], class_names: list[str], need_test: bool, skipped: int = 0) -> None:
-    """Refuse, before any training, data that cannot make an honest model: every split needs
-    both classes (what is left after bad files and label conflicts are removed)."""
-    counts = class_counts(records)
-    needed = ("train", "val", "test") if need_test else ("train", "val")
-    short = [s for s in needed if any(counts.get(s, {}).get(k, 0) == 0 for k in range(len(class_names)))]
-    if short:
-        from .data import DataError
-
-        have = "; ".join(f"{s}: " + ", ".join(f"{counts.get(s, {}).get(k, 0)} {n}" for k, n in enumerate(class_names))
-                         for s in needed)
-        raise DataError(f"too few usable images: split(s) {', '.join(short)} lack a class ({have}"
-                        f"{f'; {skipped} file(s) skipped as unusable or conflicting' if skipped else ''}). "
-                        "Training needs both classes in train, validation and test: add images or change the fractions")
-
-
-def split_summary(records: list[Record], class_names: list[str]) -> str:
-    """``split: train 120 (60 Negative / 60 Positive), val 40 (...), test 40 (...)``"""
-    counts = class_counts(records)
-    parts = [f"{s} {sum(counts[s].values())} (" + " / ".join(f"{counts[s].get(k, 0)} {n}"
-                                                          for k, n in enumerate(class_names)) + ")"
-             for s in ("train", "val", "test") if s in counts]
-    return "split: " + ", ".join(parts)
-
-
 def feature_device(cfg: Config) -> torch.device:
     """Where to run the frozen backbone for the feature cache: this process's GPU if training uses one."""
     if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda"):
@@ -497,9 +437,12 @@ def train(cfg: Config, resume: bool = False) -> dict:
 
 def _train(cfg: Config, run_dir: Path, resume: bool, start: float) -> dict:
     model = build_model(cfg)
-    records = prepare_data(cfg, run_dir, resume)
     on_gpu = feature_device(cfg).type == "cuda"
-    dm = CrackDataModule(cfg.data, records, model.pre, device_normalize=on_gpu, defer_resize=on_gpu)
+    dm = CrackDataModule(cfg.data, pre=model.pre, device_normalize=on_gpu, defer_resize=on_gpu, run_dir=run_dir)
+    if is_global_zero():  # DDP workers start later and read the split rank 0 wrote
+        dm.prepare_data()
+    dm.setup("fit")
+    records = dm.records
     if is_global_zero():
         write_text(run_dir / "config.yaml", dump_yaml(cfg))
         write_text(run_dir / "model_summary.txt", f"{ModelSummary(model, max_depth=2)}\n\n{model}\n")

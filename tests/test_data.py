@@ -159,3 +159,30 @@ def test_loader_workers_run_opencv_single_threaded():
     cv2.resize(np.zeros((1500, 1500, 3), np.uint8), (400, 400), interpolation=cv2.INTER_AREA)  # parent pool runs
     loader = make_loader(_ThreadsSeen(), batch_size=2, num_workers=1)
     assert next(iter(loader)).tolist() == [1, 1]
+
+
+def test_datamodule_prepares_once_and_sets_up_from_the_split(tmp_path, monkeypatch):
+    """prepare_data scans and splits once into split.csv; setup reads it; a second prepare_data (a resumed
+    run, a DDP worker, Lightning's own call) keeps it."""
+    from crack_lightning import data as data_mod
+    from crack_lightning.config import DataConfig
+    from crack_lightning.data import CrackDataModule, DataError
+
+    root = make_folder(tmp_path / "d", n_per_class=8)
+    cfg = DataConfig(root=str(root), val_fraction=0.25, test_fraction=0.25, num_workers=0, batch_size=4)
+    scans = []
+    real = data_mod.scan_sources
+    monkeypatch.setattr(data_mod, "scan_sources", lambda *a, **k: scans.append(1) or real(*a, **k))
+    dm = CrackDataModule(cfg, run_dir=tmp_path / "run")
+    with pytest.raises(DataError, match="has not written split.csv"):
+        dm.setup("fit")
+    (tmp_path / "run").mkdir()
+    dm.prepare_data()
+    dm.prepare_data()
+    assert len(scans) == 1 and (tmp_path / "run" / "split.csv").is_file()
+    dm.setup("fit")
+    other = CrackDataModule(cfg, run_dir=tmp_path / "run")  # another process of the same run
+    other.prepare_data()
+    other.setup("fit")
+    assert len(scans) == 1 and [r.path for r in other.records] == [r.path for r in dm.records]
+    assert {r.split for r in dm.records} == {"train", "val", "test"}
