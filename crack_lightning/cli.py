@@ -164,7 +164,8 @@ def predict_main(argv: list[str]) -> int:
     from .io import write_json
     from .predict import Predictor, collect_inputs, compare, write_rows
 
-    from .io import check_output_dir, check_output_file, csv_starts_with, json_with_keys
+    from .io import check_output_dir, check_output_file, csv_starts_with, json_with_keys, written_by_us
+    from .localize import PHOTO_CSV_HEADERS
     from .predict import DEFAULT_CHECKPOINT, PREDICTIONS_HEADER
 
     parser = predict_parser()
@@ -203,14 +204,14 @@ def predict_main(argv: list[str]) -> int:
         outputs = _photo_outputs(paths, out, args.localize)
         for files in outputs:
             for f in files:
-                check_output_file(f, protected)
+                check_output_file(f, protected, ours=written_by_us(PHOTO_CSV_HEADERS))
     else:
         check_output_file(out, protected, ours=csv_starts_with(PREDICTIONS_HEADER))
         check_output_file(out.with_suffix(".metrics.json"), protected, ours=json_with_keys("acc", "n", "threshold"))
     if args.report:
         check_output_dir(args.report, "--report")
         for name in REPORT_FILES:
-            check_output_file(Path(args.report) / name, protected, "--report")
+            check_output_file(Path(args.report) / name, protected, "--report", ours=written_by_us())
     predictor = Predictor(checkpoint, args.device, args.batch_size, args.workers, args.threshold, args.engine)
     if per_photo:
         return (_localize if args.localize else _explain)(predictor, paths, outputs, out, args)

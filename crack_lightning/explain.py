@@ -16,7 +16,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from .images import decode_image  # noqa: E402
-from .io import atomic_write, path_text  # noqa: E402
+from .io import PNG_METADATA, atomic_write, path_text  # noqa: E402
 from .model import CrackClassifier  # noqa: E402
 from .transforms import eval_transform  # noqa: E402
 
@@ -55,6 +55,6 @@ def explain_file(model: CrackClassifier, path: str | Path, out_path: str | Path)
         ax.set_axis_off()
     fig.colorbar(im, ax=axes, fraction=0.03, pad=0.02, label="evidence for crack")
     with atomic_write(out_path, "wb") as f:
-        fig.savefig(f, format="png", dpi=100, bbox_inches="tight")
+        fig.savefig(f, format="png", dpi=100, bbox_inches="tight", metadata=PNG_METADATA)
     plt.close(fig)
     return prob

@@ -151,6 +151,30 @@ def check_output_dir(path: str | Path, what: str = "--output") -> Path:
     return path
 
 
+PNG_METADATA = {"Software": "crack_lightning"}  # every picture we write says so: see written_by_us
+
+
+def written_by_us(csv_headers: Sequence[Sequence[str]] = ()) -> Callable[[Path], bool]:
+    """``ours`` for :func:`check_output_file`, by kind: a PNG by its ``Software`` text chunk, a CSV by
+    its first row being one of ``csv_headers``, a JSON by being an object."""
+    def check(path: Path) -> bool:
+        suffix = path.suffix.lower()
+        if suffix == ".png":
+            try:
+                from PIL import Image
+
+                with Image.open(path) as im:
+                    return im.info.get("Software") == PNG_METADATA["Software"]
+            except Exception:  # noqa: BLE001 - not a readable PNG: not ours
+                return False
+        if suffix == ".json":
+            return json_with_keys()(path)
+        if suffix == ".csv":
+            return any(csv_starts_with(h)(path) for h in csv_headers)
+        return False
+    return check
+
+
 def csv_starts_with(header: Sequence[str]) -> Callable[[Path], bool]:
     """``ours`` for :func:`check_output_file`: the file is a CSV whose first row is ``header``."""
     def check(path: Path) -> bool:

@@ -23,7 +23,7 @@ from PIL import Image  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from .images import decode_image  # noqa: E402
-from .io import atomic_write, csv_path, csv_text, path_text  # noqa: E402
+from .io import PNG_METADATA, atomic_write, csv_path, csv_text, path_text  # noqa: E402
 from .transforms import eval_transform  # noqa: E402
 
 TRAINING_TILE = 227  # the Mendeley patches were cut at this size from 4032x3024 photos
@@ -109,7 +109,7 @@ def localize_array(image: np.ndarray, predictor, tile: int = TRAINING_TILE, stri
 def write_tiles_csv(loc: Localization, path: Path) -> None:
     with atomic_write(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["x", "y", "width", "height", "probability"])
+        w.writerow(TILES_CSV_HEADER)
         for t in loc.tiles:
             w.writerow([t.x, t.y, t.width, t.height, f"{t.probability:.6f}"])
 
@@ -153,12 +153,14 @@ def write_heatmap(loc: Localization, image: np.ndarray, path: Path, max_side: in
         "veil", [(1, 1, 1, 0), (1, 0, 0, 0.6)]), norm=plt.Normalize(0, 1))
     fig.colorbar(sm, ax=ax, fraction=0.03, pad=0.01, label="crack probability")
     with atomic_write(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=100, bbox_inches="tight")
+        fig.savefig(f, format="png", dpi=100, bbox_inches="tight", metadata=PNG_METADATA)
     plt.close(fig)
 
 
 SUMMARY_FIELDS = ["photo", "width", "height", "tiles", "crack_tiles", "crack_fraction", "max_probability",
                   "threshold", "error"]
+TILES_CSV_HEADER = ["x", "y", "width", "height", "probability"]
+PHOTO_CSV_HEADERS = (TILES_CSV_HEADER, SUMMARY_FIELDS)  # what --localize writes (replaced only if ours)
 
 
 def summary_row(loc: Localization) -> dict:

@@ -18,13 +18,13 @@ import torch  # noqa: E402
 from torchmetrics.functional.classification import binary_precision_recall_curve, binary_roc  # noqa: E402
 
 from .images import BadImageError, decode_image  # noqa: E402
-from .io import atomic_write, path_text, write_json  # noqa: E402
+from .io import PNG_METADATA, atomic_write, path_text, write_json  # noqa: E402
 from .metrics import binary_metrics  # noqa: E402
 
 
 def _save(fig, path: Path) -> None:
     with atomic_write(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
+        fig.savefig(f, format="png", dpi=120, bbox_inches="tight", metadata=PNG_METADATA)
     plt.close(fig)
 
 

@@ -530,3 +530,25 @@ def test_full_disk_during_training_is_one_line_and_no_torn_checkpoint(tmp_path):
                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
     assert "File too large" in one_error(res.returncode, res.stderr)
     assert not (tmp_path / "runs" / "r").exists()
+
+
+def test_per_photo_and_report_outputs_replace_only_our_own_files(tmp_path, capsys, tiny_model):
+    """--localize and --report write into folders: a file of the same name that crack_lightning did not
+    write (a PNG without our Software tag, a CSV with another header) is refused; our own are replaced."""
+    out = tmp_path / "loc"
+    out.mkdir()
+    photo = tmp_path / "site.png"
+    Image.fromarray(np.concatenate([decode_image(POS[0]), decode_image(NEG[0])], 1)).save(photo)
+    foreign = out / "site_heatmap.png"
+    Image.new("RGB", (8, 8)).save(foreign)
+    line = one_error(*predict(capsys, tiny_model, "--localize", photo, "--output", out)[::2])
+    assert "was not written by crack_lightning" in line and "site_heatmap.png" in line
+    foreign.unlink()
+    assert predict(capsys, tiny_model, "--localize", photo, "--output", out)[0] == 0
+    assert predict(capsys, tiny_model, "--localize", photo, "--output", out)[0] == 0  # ours: replaced
+    report = tmp_path / "rep"
+    report.mkdir()
+    Image.new("RGB", (8, 8)).save(report / "roc.png")
+    line = one_error(*predict(capsys, tiny_model, POS[0], NEG[0], "--output", tmp_path / "p.csv", "--report",
+                              report)[::2])
+    assert "roc.png" in line and not (tmp_path / "p.csv").exists()
