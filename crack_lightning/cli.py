@@ -176,8 +176,10 @@ def predict_main(argv: list[str]) -> int:
         from .export import EXPORT_FILES, export
 
         check_output_dir(args.export, "--export")
+        contract = Path(args.export) / "model.json"  # an earlier export of ours is recognised by its contract
+        ours = lambda _: json_with_keys("preprocessing", "threshold", "class_names")(contract)  # noqa: E731
         for name in EXPORT_FILES:
-            check_output_file(Path(args.export) / name, model_files, "--export")
+            check_output_file(Path(args.export) / name, model_files, "--export", ours=ours)
         paths = export(checkpoint, args.export)
         for kind, path in paths.items():
             print(f"{kind}: {path}")

@@ -552,3 +552,14 @@ def test_per_photo_and_report_outputs_replace_only_our_own_files(tmp_path, capsy
     line = one_error(*predict(capsys, tiny_model, POS[0], NEG[0], "--output", tmp_path / "p.csv", "--report",
                               report)[::2])
     assert "roc.png" in line and not (tmp_path / "p.csv").exists()
+
+
+def test_export_replaces_only_an_earlier_export(tmp_path, capsys, tiny_model):
+    out = tmp_path / "exp"
+    out.mkdir()
+    (out / "model.json").write_text('{"my": "notes"}')
+    line = one_error(*run(predict_main, ["--checkpoint", tiny_model, "--export", out], capsys)[::2])
+    assert "model.json" in line and (out / "model.json").read_text() == '{"my": "notes"}'
+    (out / "model.json").unlink()
+    assert run(predict_main, ["--checkpoint", tiny_model, "--export", out], capsys)[0] == 0
+    assert run(predict_main, ["--checkpoint", tiny_model, "--export", out], capsys)[0] == 0  # ours: replaced
