@@ -29,6 +29,11 @@ def guarded(main: Callable[[], int]) -> int:
             stream.reconfigure(errors="backslashreplace")
     try:
         return main()
+    except BrokenPipeError:  # output piped into `head` and the like: stop quietly, as Unix tools do
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (*USER_ERRORS, OSError) as exc:
         if isinstance(exc, OSError) and not isinstance(exc, USER_ERRORS) and exc.errno not in ENVIRONMENT_ERRNOS:
             raise
@@ -64,7 +69,13 @@ def serve_entry() -> None:
 
 def train_main(argv: list[str]) -> int:
     if "-h" in argv or "--help" in argv:
-        print(TRAIN_USAGE)
+        from .config import describe_keys
+
+        keys = describe_keys()
+        width = max(len(k) for k, _, _ in keys)
+        print(TRAIN_USAGE + "\nkeys (type, default; details: docs/training.md):")
+        for key, tp, default in keys:
+            print(f"  {key:<{width}}  {tp}, default {default}")
         return 0
     config_path, resume, print_only, rest = None, False, False, []
     i = 0

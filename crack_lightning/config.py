@@ -168,7 +168,25 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 def _type_name(tp: Any) -> str:
     if get_origin(tp) in (Union, types.UnionType):
         return " or ".join(_type_name(a) for a in get_args(tp))
+    if get_origin(tp) is Literal:
+        return "|".join(str(a) for a in get_args(tp))
+    if get_origin(tp) is list:
+        return f"list of {_type_name(get_args(tp)[0])}"
     return getattr(tp, "__name__", str(tp))
+
+
+def describe_keys(node: Any = None, prefix: str = "") -> list[tuple[str, str, str]]:
+    """``(--key, type, default)`` for every key of the config, in order (``train.py --help``)."""
+    node = Config() if node is None else node
+    hints = typing.get_type_hints(type(node))
+    out = []
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            out += describe_keys(value, f"{prefix}{f.name}.")
+        else:
+            out.append((f"--{prefix}{f.name}", _type_name(hints[f.name]), repr(value) if value != "" else '""'))
+    return out
 
 
 def _build(cls: type, values: dict, prefix: str = "") -> Any:

@@ -130,3 +130,20 @@ def test_a_config_mistake_is_reported_without_importing_torch():
     from crack_lightning.images import BadImageError
 
     assert issubclass(CheckpointError, UserError) and issubclass(BadImageError, UserError)
+
+
+def test_help_lists_every_key_with_type_and_default():
+    from crack_lightning.config import Config, to_dict
+
+    res = run_main("train.py", "--help")
+    assert res.returncode == 0
+
+    def flat(d, prefix=""):
+        for k, v in d.items():
+            yield from flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"--{prefix}{k}", v)]
+
+    keys = dict(flat(to_dict(Config())))
+    listed = [ln.split()[0] for ln in res.stdout.splitlines() if ln.startswith("  --")]
+    assert listed == list(keys)
+    assert any(ln.split() == ["--train.frozen.epochs", "int,", "default", "10"] for ln in res.stdout.splitlines())
+    assert any(ln.split()[:2] == ["--model.pretrained", "timm|lite0|none,"] for ln in res.stdout.splitlines())
