@@ -195,8 +195,20 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
     for key in values:
         if key not in names:
             raise ConfigError(f"unknown config key '{prefix}{key}' (valid keys here: {', '.join(sorted(names))})")
-    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in values.items()}
+    defaults = cls()
+    kwargs = {}
+    for k, v in values.items():
+        if dataclasses.is_dataclass(hints[k]) and isinstance(v, dict):
+            # a section given in part keeps the documented defaults of the keys it leaves out
+            # (train.finetune: {epochs: 2} keeps fine-tuning's lr 1e-4, not StageConfig's 1e-3)
+            given = _build(hints[k], v, f"{prefix}{k}.")
+            v = dataclasses.asdict(getattr(defaults, k)) | {name: _plain(getattr(given, name)) for name in v}
+        kwargs[k] = _coerce(v, hints[k], prefix + k)
     return cls(**kwargs)
+
+
+def _plain(value: Any) -> Any:
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
 
 
 def _validate(cfg: Config) -> None:

@@ -361,6 +361,7 @@ def run_stage(cfg: Config, model: CrackClassifier, dm: CrackDataModule, run_dir:
         return info
     model.freeze_backbone(stage == "frozen")
     model.lr, model.weight_decay = sc.lr, sc.weight_decay
+    model.hparams.update(lr=sc.lr, weight_decay=sc.weight_decay)  # each stage's checkpoints say what trained them
     epochs = min(sc.epochs, cfg.trainer.max_epochs) if cfg.trainer.max_epochs > 0 else sc.epochs
     folder = run_dir / "checkpoints" / stage
     resume_from = None

@@ -147,3 +147,13 @@ def test_help_lists_every_key_with_type_and_default():
     assert listed == list(keys)
     assert any(ln.split() == ["--train.frozen.epochs", "int,", "default", "10"] for ln in res.stdout.splitlines())
     assert any(ln.split()[:2] == ["--model.pretrained", "timm|lite0|none,"] for ln in res.stdout.splitlines())
+
+
+def test_a_partial_section_keeps_the_documented_defaults(tmp_path):
+    cfg = load_config(write(tmp_path, "train:\n  finetune: {epochs: 2}\n"))
+    assert cfg.train.finetune.epochs == 2 and cfg.train.finetune.lr == 1e-4  # fine-tuning's own default
+    assert cfg.train.frozen.lr == 1e-3 and cfg.train.frozen.epochs == 10
+    cfg = load_config(ROOT / "configs/quickstart.yaml", [("train.finetune.epochs", "1")])
+    assert cfg.train.finetune.lr == 1e-4 and cfg.train.frozen.lr == 0.003
+    with pytest.raises(ConfigError, match=r"unknown config key 'train\.finetune\.lrr'"):
+        load_config(write(tmp_path, "train:\n  finetune: {lrr: 2}\n"))

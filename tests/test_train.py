@@ -47,8 +47,15 @@ def test_frozen_then_finetune_changes_backbone(tmp_path):
     assert "run folder: " in res.stdout and "split: train 8 (4 Negative / 4 Positive)" in res.stdout
     assert res.stdout.count("test accuracy") == 1
     run = tmp_path / "runs" / "two"
-    frozen = torch.load(run / "checkpoints/frozen/best.ckpt", weights_only=True)["state_dict"]
-    tuned = torch.load(run / "checkpoints/finetune/best.ckpt", weights_only=True)["state_dict"]
+    frozen_ckpt = torch.load(run / "checkpoints/frozen/best.ckpt", weights_only=True)
+    tuned_ckpt = torch.load(run / "checkpoints/finetune/best.ckpt", weights_only=True)
+    from crack_lightning.config import load_config
+
+    stages = load_config(ROOT / "configs/quickstart.yaml").train
+    assert stages.frozen.lr != stages.finetune.lr
+    assert frozen_ckpt["hyper_parameters"]["lr"] == stages.frozen.lr  # each stage's own learning rate
+    assert tuned_ckpt["hyper_parameters"]["lr"] == stages.finetune.lr
+    frozen, tuned = frozen_ckpt["state_dict"], tuned_ckpt["state_dict"]
     key = "backbone.conv_stem.weight"
     assert not torch.equal(frozen[key], tuned[key])
     metrics = json.loads((run / "metrics.json").read_text())
