@@ -12,7 +12,7 @@ import csv
 import hashlib
 import os
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +30,6 @@ from .images import BadImageError, decode_image, is_image_file
 from .transforms import Preprocessing, eval_transform, stack_uint8, train_transform
 
 SPLITS = ("train", "val", "test")
-
-
 
 
 @dataclass
@@ -168,29 +166,27 @@ def split_records(records: list[Record], val_fraction: float, test_fraction: flo
     """Assign ``train/val/test`` by whole groups, per source, stratified by class, seeded.
 
     A group is one original photo (``Record.group``, all its tiles) or, for plain files, all
-    byte-identical copies. Copies whose labels differ are dropped (their label is unknowable);
-    the caller reports them. Each source is split on its own, so validation and test span them all.
+    byte-identical copies, across sources too. Copies whose labels differ are dropped (their label is
+    unknowable); the caller reports them. Each source is stratified on its own, with its own seeded
+    order (as if it were split alone), so validation and test span them all.
     """
-    by_source: dict[str, list[Record]] = defaultdict(list)
-    for r in records:
-        by_source[r.source].append(r)
-    if len(by_source) > 1:
-        return sorted((r for src in sorted(by_source)
-                       for r in split_records(by_source[src], val_fraction, test_fraction, seed)),
-                      key=lambda r: (r.path, r.box))
     conflicted = {r.sha256 for r in label_conflicts(records)}
     groups: dict[str, list[Record]] = defaultdict(list)
     for r in records:
         if r.sha256 not in conflicted:
             groups[r.group or r.sha256].append(r)
-    rng = random.Random(seed)
-    out: list[Record] = []
 
     def majority(g: list[Record]) -> int:  # a photo's tiles can be of both classes
         return int(2 * sum(r.label for r in g) >= len(g))
 
-    for label in sorted({r.label for r in records}):
-        keys = sorted(k for k, g in groups.items() if majority(g) == label)
+    buckets: dict[tuple[str, int], list[str]] = defaultdict(list)
+    for key, g in groups.items():
+        buckets[(g[0].source, majority(g))].append(key)
+    rngs: dict[str, random.Random] = {}
+    out: list[Record] = []
+    for source, label in sorted(buckets):
+        rng = rngs.setdefault(source, random.Random(seed))
+        keys = sorted(buckets[(source, label)])
         rng.shuffle(keys)
         total = sum(len(groups[k]) for k in keys)
         targets = {"test": test_fraction * total, "val": val_fraction * total}
@@ -421,7 +417,7 @@ class CrackDataModule(L.LightningDataModule):
         sources = [r.source for r in train]
         if not self.cfg.balance_sources or len(set(sources)) < 2 or n % len(train):
             return None
-        counts = {s: sources.count(s) for s in set(sources)}
+        counts = Counter(sources)
         return torch.tensor([1.0 / counts[s] for s in sources] * (n // len(train)), dtype=torch.double)
 
     def val_dataloader(self) -> DataLoader:
@@ -497,7 +493,7 @@ def class_counts(records: list[Record]) -> dict[str, dict[int, int]]:
 
 
 __all__ = [
-    "build_split", "check_trainable", "split_summary", "scan_sources", "CrackDataModule", "DataError", "ImageDataset", "Record", "TensorItems", "Uint8Batches", "check_no_leak",
-    "class_counts", "label_conflicts", "list_images", "make_loader", "read_split_csv", "scan", "split_records",
-    "subsample", "write_split_csv",
+    "CrackDataModule", "DataError", "ImageDataset", "Record", "TensorItems", "Uint8Batches", "build_split",
+    "check_no_leak", "check_trainable", "class_counts", "label_conflicts", "list_images", "make_loader",
+    "read_split_csv", "scan", "scan_sources", "split_records", "split_summary", "subsample", "write_split_csv",
 ]

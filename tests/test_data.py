@@ -186,3 +186,25 @@ def test_datamodule_prepares_once_and_sets_up_from_the_split(tmp_path, monkeypat
     other.setup("fit")
     assert len(scans) == 1 and [r.path for r in other.records] == [r.path for r in dm.records]
     assert {r.split for r in dm.records} == {"train", "val", "test"}
+
+
+def test_copies_across_sources_share_a_split_and_conflicts_across_sources_are_dropped(tmp_path):
+    """A byte-identical file in two data roots is one group (never in two splits); with two labels it is
+    dropped, as within one root."""
+    import shutil
+
+    from crack_lightning.config import DataConfig
+    from crack_lightning.data import check_no_leak, scan_sources, split_records
+
+    a = make_folder(tmp_path / "a", n_per_class=10, seed=1)
+    b = make_folder(tmp_path / "b", n_per_class=10, seed=2)
+    shutil.copy(a / "Positive" / "Pos_000.jpg", b / "Positive" / "same.jpg")  # same label, other source
+    shutil.copy(a / "Negative" / "Neg_000.jpg", b / "Positive" / "clash.jpg")  # other label, other source
+    records, _ = scan_sources(DataConfig(root=str(a), extra_roots=[str(b)]))
+    out = split_records(records, 0.3, 0.3, 0)
+    check_no_leak(out)
+    paths = {r.path for r in out}
+    assert str(b / "Positive" / "same.jpg") in paths and str(b / "Positive" / "clash.jpg") not in paths
+    assert str(a / "Negative" / "Neg_000.jpg") not in paths
+    assert len({r.split for r in out if r.path in (str(a / "Positive" / "Pos_000.jpg"),
+                                                    str(b / "Positive" / "same.jpg"))}) == 1
