@@ -12,6 +12,13 @@ photo, crack = >= 0.5 % crack pixels, no crack = no crack pixel within the tile 
 per fold: precision, recall, F1 (at the model's stored threshold), the false-alarm rate on the crack-free
 walls (rissbilder fold), the accuracy on the run's Mendeley test patches and the recall on the masonry
 set (evaluation only). Writes bench/loso.json and .md. Nothing here is tuned on the held-out data.
+
+Fold ``all`` holds nothing out: the candidate release, trained on every source (scored on the
+Mendeley test patches and the masonry set only). Training and scoring can run apart, e.g. train on
+a lent GPU (``--train-only``) and score here (``--runs rissbilder=DIR gaps=DIR ...``).
+``--mendeley-test split.csv`` scores every model on the test rows of a full Mendeley run (the
+released model's split; the GPU side is then given only its train/val patches, see
+``tools/pack_data.py --exclude-test``).
 """
 from __future__ import annotations
 
@@ -37,7 +44,8 @@ from crack_lightning.tiles import TileRule, scan_mask_root  # noqa: E402
 from crack_lightning.training import train  # noqa: E402
 
 FIELD = ("rissbilder", "concrete_nocrack", "gaps", "aigle", "cracktree")
-FOLDS = {"rissbilder": ("rissbilder", "concrete_nocrack"), "gaps": ("gaps",), "pavement": ("aigle", "cracktree")}
+FOLDS = {"rissbilder": ("rissbilder", "concrete_nocrack"), "gaps": ("gaps",), "pavement": ("aigle", "cracktree"),
+         "all": ()}
 EVAL_RULE = TileRule(sizes=(224,), crack_fraction=0.005, clear_margin=8)
 
 
@@ -99,6 +107,12 @@ def localize_scores(predictor: Predictor, roots: list[Path], docs_heatmap: str |
     return out
 
 
+def _train_wall(run_dir: Path) -> float | None:
+    """The training wall time a ``--train-only`` run wrote next to its model."""
+    f = run_dir / "train_wall_s.txt"
+    return float(f.read_text()) if f.is_file() else None
+
+
 def scores(probs: torch.Tensor, labels: torch.Tensor, threshold: float) -> dict:
     m = binary_metrics(probs, labels, threshold)
     keep = ("n", "precision", "recall", "f1", "acc", "tp", "fp", "fn", "tn")
@@ -112,7 +126,12 @@ def main() -> int:
     ap.add_argument("--masonry", default="../shared/data/masonry_crack")
     ap.add_argument("--config", default="configs/field.yaml")
     ap.add_argument("--mendeley-per-class", type=int, default=2000)
-    ap.add_argument("--folds", nargs="+", default=list(FOLDS), choices=list(FOLDS))
+    ap.add_argument("--folds", nargs="+", default=[f for f in FOLDS if f != "all"], choices=list(FOLDS))
+    ap.add_argument("--train-only", action="store_true", help="train the folds, score nothing (e.g. on a GPU host)")
+    ap.add_argument("--runs", nargs="*", default=[], metavar="FOLD=RUN_DIR",
+                    help="score these finished runs instead of training (their folds)")
+    ap.add_argument("--mendeley-test", default=None, metavar="SPLIT_CSV",
+                    help="also score every model on the test rows of this Mendeley split.csv")
     ap.add_argument("--output-dir", default="runs/loso")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for every fold")
     ap.add_argument("--out", default=None, help=OUT_HELP)
@@ -125,25 +144,38 @@ def main() -> int:
     masonry = sorted(p for p in Path(args.masonry).rglob("*") if p.suffix.lower() in (".jpg", ".png"))
     results = {"hardware": hardware(), "config": args.config, "mendeley_per_class": args.mendeley_per_class, "overrides": args.set,
                "folds": {}}
+    given = dict(kv.split("=", 1) for kv in args.runs)
+    mendeley_test = []
+    if args.mendeley_test:
+        with open(args.mendeley_test, encoding="utf-8") as f:
+            mendeley_test = [(Path(r["path"]), int(r["label"])) for r in csv.DictReader(f) if r["split"] == "test"]
     with tempfile.TemporaryDirectory() as tmp:
-        mendeley = mendeley_subset(Path(args.mendeley), args.mendeley_per_class, Path(tmp) / "mendeley")
-        for fold in args.folds:
+        mendeley = None if given else mendeley_subset(Path(args.mendeley), args.mendeley_per_class, Path(tmp) / "mendeley")
+        for fold in (list(given) if given else args.folds):
             held = FOLDS[fold]
             extra = [str(field / s) for s in FIELD if s not in held]
-            pairs = [("data.root", str(mendeley)), ("data.extra_roots", ",".join(extra)),
-                     ("output_dir", args.output_dir), ("run_name", f"{fold}_{time.strftime('%Y%m%d-%H%M%S')}"),
-                     ("trainer.enable_progress_bar", "false"), *(kv.split("=", 1) for kv in args.set)]
-            cfg = load_config(ROOT / args.config, pairs)
-            t0 = time.time()
-            run = train(cfg)
-            wall = time.time() - t0
+            if fold in given:
+                run, wall = {"run_dir": given[fold]}, _train_wall(Path(given[fold]))
+            else:
+                pairs = [("data.root", str(mendeley)), ("data.extra_roots", ",".join(extra)),
+                         ("output_dir", args.output_dir), ("run_name", f"{fold}_{time.strftime('%Y%m%d-%H%M%S')}"),
+                         ("trainer.enable_progress_bar", "false"), *(kv.split("=", 1) for kv in args.set)]
+                cfg = load_config(ROOT / args.config, pairs)
+                t0 = time.time()
+                run = train(cfg)
+                wall = time.time() - t0
+                (Path(run["run_dir"]) / "train_wall_s.txt").write_text(f"{wall:.1f}\n")
+            if args.train_only:
+                print(f"{fold}: trained in {wall:.0f} s -> {run['run_dir']}", flush=True)
+                continue
             predictor = Predictor(Path(run["run_dir"]) / "model.pt", num_workers=0)
             thr = float(predictor.threshold)
             crack_roots = [field / s for s in held if s != "concrete_nocrack"]
-            probs, labels = tile_probabilities(predictor, crack_roots)
             row = {"held_out": list(held), "trained_on": ["mendeley"] + [Path(e).name for e in extra],
-                   "threshold": round(thr, 4), "train_wall_s": round(wall, 1),
-                   "held_out_tiles": scores(probs, labels, thr)}
+                   "threshold": round(thr, 4), "train_wall_s": wall}
+            if crack_roots:
+                probs, labels = tile_probabilities(predictor, crack_roots)
+                row["held_out_tiles"] = scores(probs, labels, thr)
             if "concrete_nocrack" in held:
                 p0, _ = tile_probabilities(predictor, [field / "concrete_nocrack"])
                 rate = round(float((p0 >= thr).float().mean()), 4)
@@ -152,8 +184,13 @@ def main() -> int:
                 mtest = [r for r in csv.DictReader(f) if r["source"] == "mendeley"]
             row["mendeley_test_acc"] = round(sum(int(r["correct"]) for r in mtest) / max(1, len(mtest)), 4)
             row["mendeley_test_n"] = len(mtest)
-            heatmap = args.heatmap if fold == args.heatmap_fold else None
-            row["localize"] = localize_scores(predictor, crack_roots, docs_heatmap=heatmap)
+            if mendeley_test:
+                rows = list(predictor.iter_rows([p for p, _ in mendeley_test], progress=False))
+                right = sum(r.label == predictor.class_names[y] for r, (_, y) in zip(rows, mendeley_test))
+                row["mendeley_full_test"] = {"n": len(rows), "acc": round(right / len(rows), 4), "split": args.mendeley_test}
+            if crack_roots:
+                heatmap = args.heatmap if fold == args.heatmap_fold else None
+                row["localize"] = localize_scores(predictor, crack_roots, docs_heatmap=heatmap)
             rows = list(predictor.iter_rows(masonry, progress=False))
             row["masonry_recall"] = round(sum(r.label == predictor.class_names[1] for r in rows) / len(rows), 4)
             row["run_dir"] = run["run_dir"]
@@ -165,20 +202,23 @@ def main() -> int:
 
 def table(results: dict) -> str:
     md = ["| held out | tiles (crack / no crack) | precision | recall | F1 | false alarms, crack-free walls "
-          "| Mendeley test acc | masonry recall | train wall s |", "|---|---|---|---|---|---|---|---|---|"]
+          "| Mendeley test acc (run split) | Mendeley test acc (full split) | masonry recall | train wall s |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
     localize_rows: list[str] = []
     for fold, r in results["folds"].items():
-        t = r["held_out_tiles"]
+        t = r.get("held_out_tiles")
         fa = r.get("false_alarms_crack_free_walls")
         alarms = f"{fa['rate']:.1%} of {fa['n']}" if fa else "-"
+        full = r.get("mendeley_full_test")
+        full_text = f"{full['acc']:.4f} ({full['n']})" if full else "-"
         if "localize" in r:
             loc = r["localize"]
             localize_rows.append(f"| {fold} | {loc['tp'] + loc['fn']} / {loc['tn'] + loc['fp']} | "
                                  f"{loc['precision']:.3f} | {loc['recall']:.3f} | {loc['f1']:.3f} |")
-        md.append(f"| {fold} | {t['tp'] + t['fn']} / {t['tn'] + t['fp']} | {t['precision']:.3f} | {t['recall']:.3f} "
-                  f"| **{t['f1']:.3f}** | {alarms} | "
-                  f"{r['mendeley_test_acc']:.4f} ({r['mendeley_test_n']}) | {r['masonry_recall']:.3f} | "
-                  f"{r['train_wall_s']} |")
+        tiles = (f"{t['tp'] + t['fn']} / {t['tn'] + t['fp']} | {t['precision']:.3f} | {t['recall']:.3f} "
+                 f"| **{t['f1']:.3f}**") if t else "- | - | - | -"
+        md.append(f"| {fold} | {tiles} | {alarms} | {r['mendeley_test_acc']:.4f} ({r['mendeley_test_n']}) | "
+                  f"{full_text} | {r['masonry_recall']:.3f} | {r['train_wall_s']} |")
     if localize_rows:
         md += ["", "predict.py --localize over the held-out photos (227 px tiles, 50 % overlap), tiles scored "
                    "against the masks:", "", "| held out | tiles (crack / no crack) | precision | recall | F1 |",

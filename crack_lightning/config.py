@@ -34,7 +34,7 @@ class DataConfig:
     prefetch_factor: int = 2
     bad_images: Literal["skip", "error"] = "skip"
     max_per_class: int = 0  # 0 = all; >0 takes a seeded subset per class (quick experiments)
-    augment: Literal["none", "light", "strong"] = "light"
+    augment: Literal["none", "light", "strong", "site"] = "light"
     # more data roots beside `root` (class folders, or annotated photos: images/ + masks/); each is a source
     extra_roots: list[str] = field(default_factory=list)
     balance_sources: bool = False  # training draws every source equally often (a 30,000-patch set cannot drown 700 photos)
@@ -98,6 +98,7 @@ class TrainerConfig:
     limit_test_batches: Union[int, float] = 1.0
     deterministic: bool = False
     enable_progress_bar: bool = True
+    max_time: Union[str, None] = None  # "DD:HH:MM:SS": each stage stops there and the run goes on to its test
 
 
 @dataclass

@@ -323,7 +323,7 @@ def make_trainer(cfg: Config, run_dir: Path, stage: str | None, epochs: int = 1,
         limit_train_batches=t.limit_train_batches, limit_val_batches=t.limit_val_batches,
         limit_test_batches=t.limit_test_batches, deterministic=t.deterministic,
         enable_progress_bar=t.enable_progress_bar, callbacks=callbacks, logger=logger,
-        enable_model_summary=False, default_root_dir=str(run_dir), num_sanity_val_steps=0,
+        enable_model_summary=False, default_root_dir=str(run_dir), num_sanity_val_steps=0, max_time=t.max_time,
     )
 
 

@@ -97,11 +97,70 @@ def eval_transform(pre: Preprocessing, normalize: bool = True) -> A.Compose:
     return A.Compose([resize_op(pre)] + _finish(pre, normalize))
 
 
+class SiteArtifacts(A.ImageOnlyTransform):
+    """Draws what inspection photos show that is NOT a crack onto any tile, label unchanged:
+    a formwork or panel joint (a long straight groove, dark with a lit edge), a straight step
+    in brightness (the edge of a member, a repair patch), a soft stain (water, efflorescence).
+
+    Cracks are thin, wavy and end inside the surface; these are straight, span the tile or are
+    blurred blobs. Trained with them, the model stops reading every line as a crack: the
+    false alarms on crack-free walls (docs/field.md) were joints, edges and stains.
+    """
+
+    def __init__(self, p: float = 0.5):
+        super().__init__(p=p)
+
+    def apply(self, img: np.ndarray, **params) -> np.ndarray:
+        rng = np.random.default_rng(int(self.random_generator.integers(2 ** 31)))
+        kind = rng.choice(("joint", "edge", "stain"), p=(0.45, 0.25, 0.3))
+        return {"joint": _joint, "edge": _edge, "stain": _stain}[kind](img, rng)
+
+
+def _line_mask(shape: tuple[int, int], rng: np.random.Generator, width: float) -> np.ndarray:
+    """Signed distance (px) to a random straight line across the tile, mostly near an axis."""
+    h, w = shape
+    angle = rng.choice((0.0, np.pi / 2)) + rng.normal(0, 0.08) if rng.random() < 0.8 else rng.uniform(0, np.pi)
+    cy, cx = rng.uniform(0.15, 0.85) * h, rng.uniform(0.15, 0.85) * w
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    return (xx - cx) * np.sin(angle) - (yy - cy) * np.cos(angle)
+
+
+def _joint(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    h, w = img.shape[:2]
+    half = rng.uniform(0.5, 3.5) * max(h, w) / 224
+    d = _line_mask((h, w), rng, half)
+    groove = np.clip(1 - np.abs(d) / half, 0, 1)  # 1 on the joint's axis, 0 beyond its half width
+    lit = np.clip(1 - np.abs(d - 1.5 * half) / half, 0, 1) * rng.uniform(0, 0.25)
+    gain = 1 - groove * rng.uniform(0.25, 0.6) + lit
+    return np.clip(img * gain[..., None], 0, 255).astype(np.uint8)
+
+
+def _edge(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    d = _line_mask(img.shape[:2], rng, 1.0)
+    step = 1 / (1 + np.exp(-d / rng.uniform(0.5, 2.0)))  # a soft step, not a line
+    gain = 1 + (rng.uniform(0.6, 1.35) - 1) * step
+    return np.clip(img * gain[..., None], 0, 255).astype(np.uint8)
+
+
+def _stain(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    h, w = img.shape[:2]
+    blob = np.zeros((h, w), np.float32)
+    for _ in range(int(rng.integers(1, 4))):
+        center = (int(rng.uniform(0, w)), int(rng.uniform(0, h)))
+        axes = (int(rng.uniform(0.1, 0.4) * w), int(rng.uniform(0.1, 0.4) * h))
+        cv2.ellipse(blob, center, axes, float(rng.uniform(0, 180)), 0, 360, 1.0, -1)
+    blob = cv2.GaussianBlur(blob, (0, 0), sigmaX=max(h, w) * rng.uniform(0.03, 0.08))
+    gain = 1 + (rng.uniform(0.55, 1.3) - 1) * np.clip(blob, 0, 1)
+    return np.clip(img * gain[..., None], 0, 255).astype(np.uint8)
+
+
 def train_transform(pre: Preprocessing, level: str = "light", normalize: bool = True) -> A.Compose:
-    """Augmentations for training only. ``level`` is ``none``, ``light`` or ``strong``.
+    """Augmentations for training only. ``level`` is ``none``, ``light``, ``strong`` or ``site``.
 
     ``strong`` covers the shifts a site photo brings (scale, blur, noise, JPEG,
-    exposure, colour cast, grayscale, rotation). ``normalize`` as in :func:`eval_transform`.
+    exposure, colour cast, grayscale, rotation); ``site`` adds what a site photo shows that is
+    not a crack (:class:`SiteArtifacts`: joints, edges, stains) and cast shadows.
+    ``normalize`` as in :func:`eval_transform`.
     """
     if level == "none":
         return eval_transform(pre, normalize)
@@ -113,7 +172,7 @@ def train_transform(pre: Preprocessing, level: str = "light", normalize: bool = 
         A.RandomRotate90(p=0.5),
     ]
     photometric = [A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.5)]
-    if level == "strong":
+    if level in ("strong", "site"):
         geometric[0] = A.RandomResizedCrop(size=(s, s), scale=(0.25, 1.0), ratio=(0.75, 1.33),
                                            interpolation=cv2.INTER_AREA)
         geometric.append(A.Affine(scale=(0.5, 1.0), rotate=(-30, 30), border_mode=cv2.BORDER_REFLECT_101, p=0.4))
@@ -125,6 +184,8 @@ def train_transform(pre: Preprocessing, level: str = "light", normalize: bool = 
             A.GaussNoise(std_range=(0.02, 0.1), p=0.3),
             A.ImageCompression(quality_range=(20, 90), p=0.3),
         ]
+    if level == "site":  # before the photometric shifts: the artefacts are part of the scene
+        photometric = [SiteArtifacts(p=0.5), A.RandomShadow(shadow_roi=(0, 0, 1, 1), p=0.15), *photometric]
     return A.Compose(geometric + photometric + _finish(pre, normalize))
 
 

@@ -10,7 +10,7 @@ def test_pack_data_splits_and_keeps_every_file(tmp_path):
     spec = importlib.util.spec_from_file_location("pack_data", ROOT / "tools" / "pack_data.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    parts = mod.pack(SAMPLE, tmp_path / "parts", first_mib=0.2, mib=0.5)
+    parts = mod.pack([SAMPLE], tmp_path / "parts", first_mib=0.2, mib=0.5)
     assert len(parts) > 2
     names = []
     for p in parts:
@@ -22,6 +22,25 @@ def test_pack_data_splits_and_keeps_every_file(tmp_path):
         tar.extractall(tmp_path / "out", filter="data")
     first = sorted((tmp_path / "out").rglob("*.jpg"))[0]
     assert first.read_bytes() == (SAMPLE / first.relative_to(tmp_path / "out" / "sample")).read_bytes()
+
+
+def test_pack_data_from_split_keeps_only_the_listed_splits(tmp_path):
+    """--from-split: only train/val rows of a split.csv, N per label; a root it does not list packs whole."""
+    spec = importlib.util.spec_from_file_location("pack_data", ROOT / "tools" / "pack_data.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    files = sorted(f for f in SAMPLE.rglob("*.jpg"))
+    split = tmp_path / "split.csv"
+    rows = ["path,label,split"] + [f"{f},{int(f.parent.name == 'Positive')},{('train', 'val', 'test')[i % 3]}"
+                                   for i, f in enumerate(files)]
+    split.write_text("\n".join(rows) + "\n")
+    kept = mod.select(files, split, ["train", "val"], per_class=10)
+    assert len(kept) == 20 and sum(f.parent.name == "Positive" for f in kept) == 10
+    test_rows = {files[i] for i in range(2, len(files), 3)}
+    assert not test_rows & set(kept)
+    assert mod.select(files, tmp_path / "split.csv", ["test"], 0) == sorted(test_rows)
+    other = [tmp_path / "split.csv"]  # not listed: kept whole
+    assert mod.select(other, split, ["train"], 1) == other
 
 
 def test_bench_run_measures_every_row_and_writes_json_and_table(tmp_path):
