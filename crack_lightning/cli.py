@@ -148,6 +148,11 @@ def predict_parser():
     p.add_argument("--workers", type=int, default=-1,
                    help="decode worker processes (default: 1 on a CPU; on a GPU, cores - 1 up to 16)")
     p.add_argument("--threshold", type=float, default=None, help="override the threshold stored in the checkpoint")
+    dist = p.add_argument_group("spread over processes, GPUs and nodes (Lightning DDP; one CSV, in input order)")
+    dist.add_argument("--accelerator", default=None, choices=["cpu", "gpu", "cuda", "auto"],
+                      help="run Lightning's Trainer.predict on this accelerator (instead of --device)")
+    dist.add_argument("--devices", default=None, help="processes (CPU) or GPUs per node: N, or 'auto'")
+    dist.add_argument("--num_nodes", type=int, default=1, help="nodes (the --output folder must be shared)")
     return p
 
 
@@ -166,6 +171,17 @@ def _split_inputs(spec: str) -> list[str]:
     if not rows:
         raise ConfigError(f"--split: no images of split '{name or 'test'}' in {path}")
     return rows
+
+
+def _devices_arg(raw: str | None) -> int | str:
+    """``--devices``: a positive count or ``auto`` (Lightning's own forms)."""
+    if raw is None:
+        return 1
+    if raw == "auto":
+        return raw
+    if not raw.isdigit() or int(raw) < 1:
+        raise ConfigError(f"--devices must be a positive number or 'auto', got {raw!r}")
+    return int(raw)
 
 
 def predict_main(argv: list[str]) -> int:
@@ -222,10 +238,29 @@ def predict_main(argv: list[str]) -> int:
         check_output_dir(args.report, "--report")
         for name in REPORT_FILES:
             check_output_file(Path(args.report) / name, protected, "--report", ours=written_by_us())
-    predictor = Predictor(checkpoint, args.device, args.batch_size, args.workers, args.threshold, args.engine)
-    if per_photo:
-        return (_localize if args.localize else _explain)(predictor, paths, outputs, out, args)
-    rows = write_rows(predictor.iter_rows(paths), out)
+    distributed = args.accelerator is not None or args.devices is not None or args.num_nodes != 1
+    if distributed:
+        if per_photo:
+            raise ConfigError("--accelerator/--devices/--num_nodes spread predict.py's CSV; "
+                              "--localize and --explain run in one process (use --device)")
+        devices = _devices_arg(args.devices)
+        if args.num_nodes < 1:
+            raise ConfigError(f"--num_nodes must be >= 1, got {args.num_nodes}")
+        from .distributed import predict_distributed
+
+        kwargs = dict(checkpoint=checkpoint, batch_size=args.batch_size, num_workers=args.workers,
+                      threshold=args.threshold, engine=args.engine)
+        shards = out.parent / f".{out.name}.shards"
+        rows, predictor = predict_distributed(paths, kwargs, shards, args.accelerator or "auto", devices,
+                                              args.num_nodes)
+        if rows is None:  # not global rank 0: rank 0 writes the results
+            return 0
+        rows = write_rows(rows, out)
+    else:
+        predictor = Predictor(checkpoint, args.device, args.batch_size, args.workers, args.threshold, args.engine)
+        if per_photo:
+            return (_localize if args.localize else _explain)(predictor, paths, outputs, out, args)
+        rows = write_rows(predictor.iter_rows(paths), out)
     errors = [r for r in rows if r.error]
     names = predictor.class_names
     positives = sum(r.label == names[1] for r in rows)

@@ -32,13 +32,33 @@ def test_train_transform_varies_and_keeps_shape():
     pre = Preprocessing(64, (0.5,) * 3, (0.5,) * 3)
     rng = np.random.default_rng(0)
     img = rng.integers(0, 255, (227, 227, 3), dtype=np.uint8)
-    for level in ("light", "strong"):
+    for level in ("light", "strong", "site"):
         tf = train_transform(pre, level)
         a, b = tf(image=img)["image"], tf(image=img)["image"]
         assert a.shape == b.shape == (3, 64, 64)
         assert not torch.equal(a, b)
     tf = train_transform(pre, "none")
     assert torch.equal(tf(image=img)["image"], eval_transform(pre)(image=img)["image"])
+
+
+def test_site_artifacts_draw_straight_structures_and_keep_the_image_shape():
+    """Each artefact changes the tile, keeps shape and dtype; a joint darkens one straight band,
+    the rest of the tile untouched (it must not read as noise all over)."""
+    import crack_lightning.transforms as T
+
+    img = np.full((224, 224, 3), 160, np.uint8)
+    rng = np.random.default_rng(3)
+    for draw in (T._joint, T._edge, T._stain):
+        out = draw(img, rng)
+        assert out.shape == img.shape and out.dtype == np.uint8 and not np.array_equal(out, img)
+    out = T._joint(img, np.random.default_rng(5))
+    changed = np.abs(out.astype(int) - img).max(axis=2) > 2
+    assert 0.003 < changed.mean() < 0.15  # a band a few px wide across the tile, not the whole tile
+    darker = out[changed].mean() < 160
+    assert darker
+    site = T.SiteArtifacts(p=1.0)
+    outs = [site(image=img)["image"] for _ in range(6)]
+    assert all(o.shape == img.shape for o in outs) and len({o.tobytes() for o in outs}) == 6
 
 
 def test_uint8_pipeline_normalised_on_device_equals_cpu_normalisation():
