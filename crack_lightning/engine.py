@@ -90,6 +90,12 @@ def onnx_runner(module: nn.Module, size: int, threads: int = 0) -> Callable[[tor
     return lambda x: torch.from_numpy(sess.run(None, {"image": x.float().contiguous().numpy()})[0])
 
 
+def gpu_autocast(device: torch.device | str):
+    """THE PyTorch precision rule: bf16 autocast on a GPU (tensor cores), float32 elsewhere."""
+    device = torch.device(device)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
 def torch_runner(module: nn.Module, device: torch.device | str) -> Callable[[torch.Tensor], torch.Tensor]:
     """``module`` in PyTorch on ``device``: channels_last, bf16 autocast on a GPU; float32 out."""
     device = torch.device(device)
@@ -98,6 +104,6 @@ def torch_runner(module: nn.Module, device: torch.device | str) -> Callable[[tor
     @torch.inference_mode()
     def run(x: torch.Tensor) -> torch.Tensor:
         x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with gpu_autocast(device):
             return module(x).float()
     return run

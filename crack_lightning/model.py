@@ -112,7 +112,9 @@ class CrackClassifier(L.LightningModule):
         """Crack probabilities ``(B,)``. On a GPU the backbone runs in bf16 autocast (tensor
         cores); the head and sigmoid stay float32 so probabilities near the threshold keep
         their precision."""
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda):
+        from .engine import gpu_autocast
+
+        with gpu_autocast(x.device):
             feats = self.features(x) if x.ndim == 4 else x
         return torch.sigmoid(self.head(feats.float()).squeeze(1))
 

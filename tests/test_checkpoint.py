@@ -112,14 +112,19 @@ def test_stored_preprocessing_wins_over_timms_current_config(tmp_path, monkeypat
     assert CrackClassifier.load_from_checkpoint(tmp_path / "m.ckpt", map_location="cpu").pre == m.pre
 
 
-def test_released_model_on_the_bundled_sample():
-    """The release, as predict.py runs it, on data/sample (200 Mendeley patches; some may have been in
-    its training split, so this guards the file and the pipeline, not generalisation)."""
+@pytest.mark.parametrize("name,threshold", [("crack_lite0.pt", 0.6343), ("crack_lite0_field.pt", 0.4487)])
+def test_released_models_on_the_bundled_sample(name, threshold):
+    """Both releases (the default and the field model), as predict.py runs them, on data/sample (200
+    Mendeley patches; some may have been in their training split, so this guards the files and the
+    pipeline, not generalisation). The field model loads offline the Lightning way too."""
+    from crack_lightning import CrackClassifier
     from crack_lightning.predict import Predictor, compare
 
-    from conftest import SAMPLE
+    from conftest import ROOT, SAMPLE
 
-    p = Predictor(num_workers=0)
+    m = CrackClassifier.load_from_checkpoint(ROOT / "models" / name, map_location="cpu")
+    assert m.hparams.pretrained == "none" and float(m.threshold) == pytest.approx(threshold, abs=1e-4)
+    p = Predictor(ROOT / "models" / name, num_workers=0)
     rows = list(p.iter_rows(sorted(SAMPLE.rglob("*.jpg")), progress=False))
     m = compare(rows, p.class_names, p.threshold)
     assert m["n"] == 200 and m["acc"] >= 0.99

@@ -152,6 +152,7 @@ def test_a_regular_install_carries_and_finds_the_released_model(tmp_path):
     (wheel,) = (tmp_path / "whl").glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert any(n.endswith(".data/data/share/crack_lightning/models/crack_lite0.pt") for n in names)
+    assert any(n.endswith(".data/data/share/crack_lightning/models/crack_lite0_field.pt") for n in names)
     assert "crack_lightning/static/app.js" in names
     assert default_checkpoint() == ROOT / "models" / "crack_lite0.pt"  # a checkout first
     prefix = tmp_path / "venv"
