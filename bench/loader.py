@@ -33,9 +33,9 @@ def rate(predictor: Predictor, files: list[Path]) -> dict:
     """Images per second over one pass of the loader (workers started inside the timing), and
     the CPU time the main process spent per image receiving the batches: the ceiling that
     remains when workers are many (a GPU host adds a pin-memory copy on top)."""
-    sum(len(idx) for _, idx, _ in predictor.loader(files[: predictor.batch_size * 2]))  # warm-up: page cache
+    sum(len(b.index) for b in predictor.loader(files[: predictor.batch_size * 2]))  # warm-up: page cache
     t0, c0 = time.perf_counter(), time.process_time()
-    n = sum(len(idx) for _, idx, _ in predictor.loader(files))
+    n = sum(len(b.index) for b in predictor.loader(files))
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {"images_per_s": round(n / wall, 1), "main_process_cpu_us_per_image": round(cpu / n * 1e6, 1)}
 

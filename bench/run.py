@@ -131,7 +131,7 @@ def bench_predict(files: list[Path], checkpoint: Path, workers: int, batch: int,
         ours_s = time.perf_counter() - t0
         assert len(rows) == len(files)
         t0 = time.perf_counter()  # the same loader with no model: the most the pipeline can feed
-        loaded = sum(len(idx) for _, idx, _ in predictor.loader(files))
+        loaded = sum(len(b.index) for b in predictor.loader(files))
         loader_s = time.perf_counter() - t0
         # plain baseline
         model = plain_model(checkpoint, device)

@@ -35,6 +35,8 @@ _IGNORED_WARNINGS = (
     r"Checkpoint directory .* exists and is not empty",
     # loaders are sized by data.num_workers, capped at the cores there are
     r"The '\w+_dataloader' does not have many workers",
+    # the module, not the DataModule, finishes batches on the device (CrackClassifier.on_after_batch_transfer)
+    r"You have overridden `on_after_batch_transfer` in `LightningModule`",
 )
 
 

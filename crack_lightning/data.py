@@ -16,17 +16,17 @@ from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import cv2
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .errors import DataError  # noqa: F401 - re-exported: callers import it from here too
 from .config import DataConfig
-from .images import BadImageError, decode_image, is_image_file
+from .images import MAX_PIXELS, BadImageError, decode_image, is_image_file
 from .transforms import Preprocessing, eval_transform, stack_uint8, train_transform
 
 SPLITS = ("train", "val", "test")
@@ -261,13 +261,37 @@ def subsample(records: list[Record], max_per_class: int, seed: int) -> list[Reco
     return sorted(out, key=lambda r: (r.path, r.box))
 
 
-class ImageDataset(Dataset):
-    """``(image, label, index)`` for a list of records; ``transform=None`` gives the decoded
-    HWC array (for :class:`Uint8Batches`, which resizes it)."""
+class Batch(NamedTuple):
+    """What every loader of the project yields (training, evaluation, prediction, robustness).
 
-    def __init__(self, records: Sequence[Record], transform: Callable | None):
-        self.records = list(records)
-        self.transform = transform
+    ``x``: images, normalised floats ``(B,3,S,S)`` or uint8 ``(B,H,W,3)`` that the model's device
+    finishes (:meth:`CrackClassifier.on_after_batch_transfer`), or cached backbone features
+    ``(B,C)`` when ``features`` is true (the head alone trains on them); ``None`` when no item of
+    the batch could be read. ``y``: labels (-1 = unknown), ``index``: the items' dataset indices,
+    ``errors``: ``(index, reason)`` of items that could not be read (prediction only).
+    """
+
+    x: torch.Tensor | None
+    y: torch.Tensor
+    index: torch.Tensor
+    errors: list
+    features: bool = False
+
+
+class ImageDataset(Dataset):
+    """THE image dataset: items ``(image or None, label, index, error)`` of records (files, or
+    tiles of annotated photos) or plain paths (label -1).
+
+    ``transform`` (albumentations; ``None`` leaves the decoded HWC uint8 array for :class:`Batches`
+    to stack and the model's device to finish); ``before(image, index)`` alters the decoded image
+    first (robustness shifts); ``tolerant``: a file that is not a usable image becomes an error
+    item instead of an exception (prediction goes on past it; training never does).
+    """
+
+    def __init__(self, items: Sequence[Record | str | Path], transform: Callable | None = None, *,
+                 before: Callable | None = None, tolerant: bool = False, max_pixels: int = MAX_PIXELS):
+        self.records = [r if isinstance(r, Record) else Record(str(r), -1, "") for r in items]
+        self.transform, self.before, self.tolerant, self.max_pixels = transform, before, tolerant, max_pixels
         self._photo: tuple[str, object] = ("", None)  # the last photo decoded: its tiles come in a row
 
     def __len__(self) -> int:
@@ -275,30 +299,52 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, i: int):
         r = self.records[i]
-        if r.box:
-            from .tiles import crop
+        try:
+            if r.box:
+                from .tiles import crop
 
-            if self._photo[0] != r.path:
-                self._photo = (r.path, decode_image(r.path))
-            image = crop(self._photo[1], r.box)
-        else:
-            image = decode_image(r.path)
+                if self._photo[0] != r.path:
+                    self._photo = (r.path, decode_image(r.path, self.max_pixels))
+                image = crop(self._photo[1], r.box)
+            else:
+                image = decode_image(r.path, self.max_pixels)
+        except BadImageError as exc:
+            if not self.tolerant:
+                raise
+            return None, float(r.label), i, str(exc)
+        if self.before is not None:
+            image = self.before(image, i)
         if self.transform is not None:
             image = self.transform(image=image)["image"]
-        return image, torch.tensor(float(r.label)), i
+        return image, float(r.label), i, ""
 
 
 @dataclass
-class Uint8Batches:
-    """``collate_fn`` of loaders that ship uint8: images through :func:`stack_uint8`
-    (``(B,H,W,3)``, finished on the model's device), the rest of each item default-collated."""
+class Batches:
+    """THE collate: items ``(image or None, label, index, error)`` -> one :class:`Batch`.
 
-    pre: Preprocessing
+    ``uint8``: the images are HWC uint8 arrays, stacked by :func:`stack_uint8` (``defer_resize``:
+    the model's device resizes them too); else float tensors (or cached features, ``features``),
+    stacked as they are. Unreadable items travel as ``errors``.
+    """
+
+    pre: Preprocessing | None = None
+    uint8: bool = False
     defer_resize: bool = False
+    features: bool = False
 
-    def __call__(self, items: list[tuple]) -> tuple:
-        images = stack_uint8([it[0] for it in items], self.pre, self.defer_resize)
-        return (images, *default_collate([it[1:] for it in items]))
+    def __call__(self, items: list[tuple]) -> Batch:
+        good = [it for it in items if it[0] is not None]
+        errors = [(it[2], it[3]) for it in items if it[0] is None]
+        if not good:
+            x = None
+        elif self.uint8:
+            x = stack_uint8([it[0] for it in good], self.pre, self.defer_resize)
+        else:
+            x = torch.stack([torch.as_tensor(it[0]) for it in good])
+        y = torch.tensor([float(it[1]) for it in good], dtype=torch.float32)
+        index = torch.tensor([int(it[2]) for it in good], dtype=torch.long)
+        return Batch(x, y, index, errors, self.features)
 
 
 def available_cpus() -> int:
@@ -330,7 +376,7 @@ def make_loader(ds: Dataset, batch_size: int, num_workers: int, *, shuffle: bool
 
 
 class TensorItems(Dataset):
-    """Pre-computed backbone features served like images: ``(feature, label, index)``."""
+    """Pre-computed backbone features served like images: ``(feature, label, index, "")``."""
 
     def __init__(self, features: torch.Tensor, labels: torch.Tensor):
         self.features, self.labels = features, labels
@@ -343,7 +389,7 @@ class TensorItems(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int):
-        return self.features[i], self.labels[i], i
+        return self.features[i], float(self.labels[i]), i, ""
 
 
 class CrackDataModule(L.LightningDataModule):
@@ -391,11 +437,12 @@ class CrackDataModule(L.LightningDataModule):
         norm = not self.device_normalize
         if augment:
             return train_transform(self.pre, self.cfg.augment, norm)
-        return None if self.device_normalize else eval_transform(self.pre)  # uint8: Uint8Batches resizes
+        return None if self.device_normalize else eval_transform(self.pre)  # uint8: Batches resizes
 
     def _loader(self, ds: Dataset, shuffle: bool, sampler=None) -> DataLoader:
         images = not isinstance(ds, TensorItems)
-        collate = Uint8Batches(self.pre, self.defer_resize) if images and self.device_normalize else None
+        collate = Batches(self.pre, uint8=images and self.device_normalize, defer_resize=self.defer_resize,
+                          features=not images)
         return make_loader(ds, self.cfg.batch_size, self.cfg.num_workers if images else 0, shuffle=shuffle,
                            collate_fn=collate, pin_memory=torch.cuda.is_available(),
                            prefetch_factor=self.cfg.prefetch_factor, persistent_workers=True, sampler=sampler)
@@ -493,7 +540,7 @@ def class_counts(records: list[Record]) -> dict[str, dict[int, int]]:
 
 
 __all__ = [
-    "CrackDataModule", "DataError", "ImageDataset", "Record", "TensorItems", "Uint8Batches", "build_split",
+    "CrackDataModule", "DataError", "ImageDataset", "Record", "TensorItems", "Batch", "Batches", "build_split",
     "check_no_leak", "check_trainable", "class_counts", "label_conflicts", "list_images", "make_loader",
     "read_split_csv", "scan", "scan_sources", "split_records", "split_summary", "subsample", "write_split_csv",
 ]

@@ -46,9 +46,8 @@ class PredictModule(L.LightningModule):
         return batch  # the predictor moves its inputs itself (uint8 to the GPU, or stays on the host for ONNX)
 
     def predict_step(self, batch, batch_idx):
-        x, idx, errors = batch
-        probs = [] if x is None else self.predictor.probabilities(x).tolist()
-        return list(zip(idx, probs)), errors
+        probs = [] if batch.x is None else self.predictor.probabilities(batch.x).tolist()
+        return list(zip(batch.index.tolist(), probs)), batch.errors
 
 
 class ShardWriter(BasePredictionWriter):

@@ -39,10 +39,11 @@ class CrackClassifier(L.LightningModule):
 
     ``freeze_backbone(True)`` gives the seed's transfer-learning recipe (only the
     head learns, backbone BatchNorm statistics stay ImageNet's); ``False`` the
-    fine-tuning stage. Batches may hold images (normalised float ``(B,3,S,S)``,
-    or uint8 ``(B,H,W,3)`` that the module resizes and normalises on its own
-    device: :meth:`Preprocessing.model_input`) or
-    pre-computed features ``(B,C)`` (the cached-feature frozen stage).
+    fine-tuning stage. Lightning's loops get :class:`~crack_lightning.data.Batch` es: images
+    (normalised floats ``(B,3,S,S)``, or uint8 ``(B,H,W,3)`` that
+    :meth:`on_after_batch_transfer` resizes and normalises on the module's own device) go
+    through :meth:`forward`; cached backbone features (``batch.features``, the cached-feature
+    frozen stage) go to :meth:`head_logits` alone.
     """
 
     def __init__(
@@ -103,9 +104,22 @@ class CrackClassifier(L.LightningModule):
             self.backbone.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B,)`` from images (see the class docstring) or features ``(B,C)``."""
-        feats = self.features(x) if x.ndim == 4 else x
+        """Logits ``(B,)`` of images (normalised floats, or uint8 finished here)."""
+        return self.head_logits(self.features(x))
+
+    def head_logits(self, feats: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B,)`` of pooled backbone features ``(B,C)``: the head alone."""
         return self.head(feats).squeeze(1)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Device-side preprocessing: a uint8 image batch (4x fewer bytes copied to the GPU than
+        floats) is resized and normalised here, on the module's device, before any step sees it."""
+        if getattr(batch, "x", None) is not None and not batch.features and batch.x.dtype == torch.uint8:
+            batch = batch._replace(x=self.pre.model_input(batch.x))
+        return batch
+
+    def _logits(self, batch) -> torch.Tensor:
+        return self.head_logits(batch.x) if batch.features else self(batch.x)
 
     @torch.inference_mode()
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
@@ -115,7 +129,7 @@ class CrackClassifier(L.LightningModule):
         from .engine import gpu_autocast
 
         with gpu_autocast(x.device):
-            feats = self.features(x) if x.ndim == 4 else x
+            feats = self.features(x)
         return torch.sigmoid(self.head(feats.float()).squeeze(1))
 
     # ---- training ----------------------------------------------------------------
@@ -125,9 +139,8 @@ class CrackClassifier(L.LightningModule):
         return F.binary_cross_entropy_with_logits(logits.float(), target.float())
 
     def training_step(self, batch, batch_idx):
-        x, y, _ = batch
-        loss = self._loss(self(x), y)
-        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))
+        loss = self._loss(self._logits(batch), batch.y)
+        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(batch.y))
         return loss
 
     def configure_optimizers(self):
@@ -155,9 +168,8 @@ class CrackClassifier(L.LightningModule):
 
     # ---- evaluation: collect every probability, gather across ranks, compute once --
     def _collect(self, stage: str, batch) -> None:
-        x, y, idx = batch
-        probs = torch.sigmoid(self(x).float())
-        self._outputs.setdefault(stage, []).append(torch.stack([probs, y.float(), idx.float()], 1))
+        probs = torch.sigmoid(self._logits(batch).float())
+        self._outputs.setdefault(stage, []).append(torch.stack([probs, batch.y.float(), batch.index.float()], 1))
 
     def validation_step(self, batch, batch_idx):
         self._collect("val", batch)

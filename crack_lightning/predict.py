@@ -15,16 +15,16 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .errors import InputError  # noqa: F401 - re-exported: callers import it from here too
 from .checkpoint import load_model
-from .data import make_loader
-from .images import MAX_PIXELS, BadImageError, decode_image, is_image_file
+from .data import Batches, ImageDataset, make_loader
+from .images import MAX_PIXELS, decode_image, is_image_file
 from .io import atomic_write, csv_path, csv_text
 from .metrics import binary_metrics
-from .transforms import Preprocessing, eval_transform, stack_uint8
+from .transforms import Preprocessing, eval_transform
 
 RELEASE_NAME = "crack_lite0.pt"
 
@@ -74,46 +74,11 @@ def label_from_path(path: Path, class_names: Sequence[str]) -> int | None:
     return None
 
 
-class _Files(Dataset):
-    """``(model input or None, index, error)`` of each path, made by ``prepare`` (:class:`Prepare`)."""
-
-    def __init__(self, paths: Sequence[Path], prepare):
-        self.paths, self.prepare = list(paths), prepare
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        try:
-            return self.prepare(self.paths[i]), i, ""
-        except BadImageError as exc:
-            return None, i, str(exc)
-
-
-@dataclass
-class _Batches:
-    """Collate good images into one batch (float ``(B,3,S,S)``, or uint8 ``(B,H,W,3)`` via
-    :func:`stack_uint8`); bad files travel as ``(index, reason)``."""
-
-    pre: Preprocessing
-    uint8: bool
-    defer_resize: bool
-
-    def __call__(self, items):
-        good = [(x, i) for x, i, _ in items if x is not None]
-        errors = [(i, e) for x, i, e in items if x is None]
-        if not good:
-            return None, [], errors
-        images = [g[0] for g in good]
-        x = stack_uint8(images, self.pre, self.defer_resize) if self.uint8 else torch.stack(images)
-        return x, [g[1] for g in good], errors
-
-
 class Prepare:
-    """One image file (path or bytes) -> the model's input item: normalised float ``(3,S,S)``,
-    or, for the PyTorch engine (``uint8=True``), the decoded ``HxWx3`` uint8 array that
-    :class:`_Batches` stacks. Raises :class:`BadImageError` for a file that is not a usable
-    image. Plain data only, so loader workers receive it cheaply (never the model)."""
+    """One uploaded image (bytes or a path) -> the model's input item, as :class:`ImageDataset`
+    makes it from files: normalised float ``(3,S,S)``, or, for the PyTorch engine (``uint8=True``),
+    the decoded ``HxWx3`` uint8 array that :class:`Batches` stacks. Raises :class:`BadImageError`
+    for a file that is not a usable image (the server's per-request path)."""
 
     def __init__(self, pre: Preprocessing, uint8: bool, max_pixels: int = MAX_PIXELS):
         self.max_pixels = max_pixels
@@ -214,14 +179,18 @@ class Predictor:
         return Prepare(self.pre, self.device_normalize, max_pixels)
 
     @property
-    def collate(self) -> "_Batches":
-        """Items ``(input or None, index, error)`` -> ``(batch, indices, [(index, reason)])``."""
-        return _Batches(self.pre, self.device_normalize, self.defer_resize)
+    def collate(self) -> Batches:
+        """Items ``(input or None, label, index, error)`` -> one :class:`Batch` for :meth:`probabilities`."""
+        return Batches(self.pre, uint8=self.device_normalize, defer_resize=self.defer_resize)
+
+    def dataset(self, paths: Sequence[Path], max_pixels: int = MAX_PIXELS) -> ImageDataset:
+        """``paths`` as this model's input items; an unreadable file becomes an error item."""
+        transform = None if self.device_normalize else eval_transform(self.pre)
+        return ImageDataset(paths, transform, tolerant=True, max_pixels=max_pixels)
 
     def loader(self, paths: Sequence[Path]) -> DataLoader:
-        """Batches ``(images, indices, [(index, reason)])`` of ``paths``, in order, ready for
-        :meth:`probabilities`."""
-        return make_loader(_Files(paths, self.preparer()), self.batch_size, self.num_workers,
+        """:class:`Batch` es of ``paths``, in order, ready for :meth:`probabilities`."""
+        return make_loader(self.dataset(paths), self.batch_size, self.num_workers,
                            collate_fn=self.collate, pin_memory=self.on_gpu, prefetch_factor=4)
 
     def iter_rows(self, paths: Sequence[Path], progress: bool = True) -> Iterator[Row]:
@@ -229,8 +198,8 @@ class Predictor:
         the next one is fetched, instead of idling until the host has written its rows."""
         paths = [Path(p) for p in paths]
         pending = None
-        for x, idx, errors in tqdm(self.loader(paths), desc="predicting", unit="batch", disable=not progress):
-            launched = (None if x is None else self._launch(x), idx, errors)
+        for b in tqdm(self.loader(paths), desc="predicting", unit="batch", disable=not progress):
+            launched = (None if b.x is None else self._launch(b.x), b.index.tolist(), b.errors)
             if pending is not None:
                 yield from self._batch_rows(paths, *pending)
             pending = launched

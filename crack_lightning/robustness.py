@@ -13,11 +13,9 @@ from typing import Callable, Sequence
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from .data import make_loader
-from .images import decode_image
+from .data import Batches, ImageDataset, make_loader
 from .metrics import binary_metrics
 from .transforms import eval_transform
 
@@ -90,23 +88,11 @@ SHIFTS: dict[str, Shift] = {
 }
 
 
-class _Shifted(Dataset):
-    def __init__(self, paths: Sequence[str], shift: Shift | None, pre):
-        self.paths, self.shift, self.tf = list(paths), shift, eval_transform(pre)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        img = decode_image(self.paths[i])
-        if self.shift is not None:
-            img = self.shift(img, i)
-        return self.tf(image=img)["image"]
-
-
 def probabilities(predictor, paths: Sequence[str], shift: Shift | None = None, desc: str = "") -> torch.Tensor:
-    loader = make_loader(_Shifted(paths, shift, predictor.pre), predictor.batch_size, predictor.num_workers)
-    return torch.cat([predictor.probabilities(x) for x in tqdm(loader, desc=desc, leave=False, unit="batch")])
+    """Crack probabilities of ``paths`` under ``shift`` (applied to the decoded image, before the eval transform)."""
+    ds = ImageDataset(paths, eval_transform(predictor.pre), before=shift)
+    loader = make_loader(ds, predictor.batch_size, predictor.num_workers, collate_fn=Batches())
+    return torch.cat([predictor.probabilities(b.x) for b in tqdm(loader, desc=desc, leave=False, unit="batch")])
 
 
 def evaluate(predictor, paths: Sequence[str], labels: Sequence[int], ood_paths: Sequence[str] = ()) -> dict:

@@ -112,7 +112,7 @@ class Batcher:
                     fut.set_result(p)
 
     def _infer(self, items: list) -> list[float]:
-        x, _, _ = self.predictor.collate([(item, i, "") for i, item in enumerate(items)])
+        x = self.predictor.collate([(item, -1, i, "") for i, item in enumerate(items)]).x
         return self.predictor.probabilities(x).tolist()
 
 

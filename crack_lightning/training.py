@@ -295,9 +295,9 @@ def feature_extractor(model: CrackClassifier, engine: str = "auto", device: torc
 def compute_features(extract, loader: DataLoader, desc: str) -> TensorItems:
     """Run the frozen backbone once over ``loader``; the head then trains on the stored features."""
     feats, labels = [], []
-    for x, y, _ in tqdm(loader, desc=f"caching features ({desc})", unit="batch"):
-        feats.append(extract(x))
-        labels.append(y)
+    for b in tqdm(loader, desc=f"caching features ({desc})", unit="batch"):
+        feats.append(extract(b.x))
+        labels.append(b.y)
     return TensorItems(torch.cat(feats), torch.cat(labels))
 
 

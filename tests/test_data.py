@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from crack_lightning.config import DataConfig
+from crack_lightning.images import BadImageError
 from crack_lightning.data import (CrackDataModule, DataError, check_no_leak, label_conflicts, make_loader,
                                   read_split_csv, scan, split_records, write_split_csv)
 from crack_lightning.transforms import Preprocessing
@@ -102,11 +103,11 @@ def test_datamodule_batches(tmp_path):
     records = split_records(scan(make_folder(tmp_path / "d"), CLASSES)[0], 0.25, 0.25, 0)
     pre = Preprocessing(size=48, mean=(0.5,) * 3, std=(0.5,) * 3)
     dm = CrackDataModule(DataConfig(batch_size=4, num_workers=0, augment="strong"), records, pre)
-    x, y, idx = next(iter(dm.train_dataloader()))
-    assert x.shape == (4, 3, 48, 48) and x.dtype == torch.float32
-    assert set(y.tolist()) <= {0.0, 1.0}
-    xv, yv, iv = next(iter(dm.val_dataloader()))
-    xv2, _, _ = next(iter(dm.val_dataloader()))
+    x, y, idx, errors, features = next(iter(dm.train_dataloader()))
+    assert x.shape == (4, 3, 48, 48) and x.dtype == torch.float32 and not errors and not features
+    assert set(y.tolist()) <= {0.0, 1.0} and idx.dtype == torch.long and len(set(idx.tolist())) == 4
+    xv = next(iter(dm.val_dataloader())).x
+    xv2 = next(iter(dm.val_dataloader())).x
     assert torch.equal(xv, xv2)  # evaluation is deterministic, training is augmented
     assert -1.0 <= float(xv.min()) and float(xv.max()) <= 1.0
 
@@ -126,14 +127,36 @@ def test_datamodule_device_normalize_ships_uint8(tmp_path):
     records = split_records(scan(make_folder(tmp_path / "d"), CLASSES)[0], 0.25, 0.25, 0)
     pre = Preprocessing(size=48, mean=(0.5,) * 3, std=(0.5,) * 3)
     cfg = DataConfig(batch_size=4, num_workers=0)
-    raw, y_raw, _ = next(iter(CrackDataModule(cfg, records, pre, device_normalize=True).val_dataloader()))
-    ref, y_ref, _ = next(iter(CrackDataModule(cfg, records, pre).val_dataloader()))
+    raw, y_raw = next(iter(CrackDataModule(cfg, records, pre, device_normalize=True).val_dataloader()))[:2]
+    ref, y_ref = next(iter(CrackDataModule(cfg, records, pre).val_dataloader()))[:2]
     assert raw.dtype == torch.uint8 and raw.shape == (4, 48, 48, 3) and torch.equal(y_raw, y_ref)
     assert torch.allclose(pre.model_input(raw), ref, atol=1e-5)
-    deferred, _, _ = next(iter(CrackDataModule(cfg, records, pre, device_normalize=True,
-                                               defer_resize=True).val_dataloader()))
+    deferred = next(iter(CrackDataModule(cfg, records, pre, device_normalize=True,
+                                         defer_resize=True).val_dataloader())).x
     assert deferred.shape == (4, 64, 64, 3)  # the 64 px files travel as they are; the device resizes
     assert torch.equal(pre.model_input(deferred), pre.model_input(raw))
+
+
+def test_one_dataset_serves_records_paths_shifts_and_unreadable_files(tmp_path):
+    """ImageDataset + Batches are the one item/batch format of training, prediction and robustness:
+    records keep their labels, plain paths get -1, ``before`` alters the decoded image, and with
+    ``tolerant`` an unreadable file becomes an error entry of the batch instead of an exception."""
+    from crack_lightning.data import Batches, ImageDataset
+
+    records = scan(make_folder(tmp_path / "d", n_per_class=2), CLASSES)[0]
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff not really")
+    pre = Preprocessing(size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
+    ds = ImageDataset([*records, broken], None, before=lambda im, i: im * 0 + i, tolerant=True)
+    batch = Batches(pre, uint8=True)([ds[i] for i in range(len(ds))])
+    assert batch.x.dtype == torch.uint8 and batch.x.shape == (4, 32, 32, 3)
+    assert batch.y.tolist() == [float(r.label) for r in records] and batch.index.tolist() == [0, 1, 2, 3]
+    assert [int(batch.x[i].max()) for i in range(4)] == [0, 1, 2, 3]  # ``before`` ran, with the index
+    assert len(batch.errors) == 1 and batch.errors[0][0] == 4 and "not an image" in batch.errors[0][1]
+    assert ImageDataset([broken], tolerant=True)[0][1] == -1.0
+    with pytest.raises(BadImageError):
+        ImageDataset([broken])[0]  # not tolerant: training stops on a file it cannot read
+    assert Batches(pre)([ImageDataset([broken], tolerant=True)[0]]).x is None
 
 
 class _ThreadsSeen(torch.utils.data.Dataset):

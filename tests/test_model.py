@@ -14,7 +14,7 @@ def test_forward_images_and_features_agree():
     with torch.no_grad():
         logits = m(x)
         assert logits.shape == (3,)
-        assert torch.allclose(m(m.features(x)), logits)
+        assert torch.allclose(m.head_logits(m.features(x)), logits)  # the explicit cached-feature path
     assert m.pre.size == 64 and m.pre.mean == (0.5, 0.5, 0.5)
 
 
@@ -66,6 +66,26 @@ def test_uint8_images_are_normalised_by_the_model():
     with torch.no_grad():
         assert torch.allclose(m(raw), m(m.pre.normalize(raw.permute(0, 3, 1, 2))), atol=1e-6)
         assert torch.allclose(m.predict_proba(raw), torch.sigmoid(m(raw)), atol=1e-6)
+
+
+def test_batches_reach_the_steps_preprocessed_and_features_go_to_the_head_alone():
+    """on_after_batch_transfer finishes a uint8 image batch on the module's device (what Lightning
+    calls after the copy); a cached-feature batch is explicit (``features``) and only the head runs."""
+    from crack_lightning.data import Batch
+
+    torch.manual_seed(0)
+    m = tiny().eval()
+    raw = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
+    y, idx = torch.tensor([0.0, 1.0]), torch.tensor([0, 1])
+    done = m.on_after_batch_transfer(Batch(raw, y, idx, []), 0)
+    assert done.x.dtype == torch.float32 and done.x.shape == (2, 3, 64, 64)
+    assert torch.equal(done.x, m.pre.model_input(raw)) and torch.equal(done.y, y)
+    feats = torch.randn(2, m.head[-1].in_features)
+    fb = Batch(feats, y, idx, [], features=True)
+    assert m.on_after_batch_transfer(fb, 0) is fb
+    with torch.no_grad():
+        assert torch.allclose(m._logits(fb), m.head(feats).squeeze(1))
+        assert torch.allclose(m._logits(done), m(raw), atol=1e-6)
 
 
 def test_mlp_head_trains_saves_and_reloads(tmp_path):

@@ -121,7 +121,8 @@ def test_resize_on_the_device_gives_the_same_probabilities(tmp_path):
     device = Predictor(engine="torch", batch_size=8, num_workers=0, resize_on_device=True)
     worker = Predictor(engine="torch", batch_size=8, num_workers=0)
     assert device.defer_resize and not worker.defer_resize  # a CPU resizes in the worker by default
-    x, idx, errors = next(iter(device.loader(files)))
+    b = next(iter(device.loader(files)))
+    x, idx, errors = b.x, b.index.tolist(), b.errors
     assert x.dtype == torch.uint8 and x.shape == (8, 227, 227, 3) and idx == list(range(8)) and not errors
     assert next(iter(worker.loader(files)))[0].shape == (8, 224, 224, 3)
     broken = tmp_path / "broken.jpg"

@@ -115,7 +115,7 @@ def test_balanced_sources_are_drawn_equally(tmp_path, mask_root):
     per_source = {s: float(sum(wi for wi, r in zip(w, train) if r.source == s)) for s in ("patches", "site")}
     assert per_source["patches"] == pytest.approx(per_source["site"])
     assert sum(r.source == "patches" for r in train) > 2 * sum(r.source == "site" for r in train)
-    x, y, idx = next(iter(dm.train_dataloader()))
+    x = next(iter(dm.train_dataloader())).x
     assert x.shape == (8, 3, 32, 32)
 
 
