@@ -8,7 +8,7 @@ mistake) does not pay for importing torch and Lightning::
 """
 from __future__ import annotations
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 _API = {
     "CrackClassifier": "model", "CrackDataModule": "data", "Predictor": "predict", "load_model": "checkpoint",

@@ -18,7 +18,10 @@ TRAIN_USAGE = """usage: python train.py [--config FILE.yaml] [--print_config] [-
 
 Train, evaluate and save a crack classifier. Any config key can be overridden
 with --section.key VALUE, e.g. --data.root DIR --train.frozen.epochs 5 --trainer.devices 2
---trainer.strategy ddp. --print_config shows the resolved config and exits.
+--trainer.strategy ddp --trainer.gradient_clip_val 1.0. Every lightning.Trainer argument is a
+trainer.* key; trainer.max_epochs caps the whole run (both stages together). --print_config
+shows the resolved config and exits; --resume continues --run_name NAME. Keys (parsed by
+jsonargparse, as LightningCLI does; docs/configuration.md holds this list):
 """
 
 
@@ -69,13 +72,9 @@ def serve_entry() -> None:
 
 def train_main(argv: list[str]) -> int:
     if "-h" in argv or "--help" in argv:
-        from .config import describe_keys
+        from .config import config_help
 
-        keys = describe_keys()
-        width = max(len(k) for k, _, _ in keys)
-        print(TRAIN_USAGE + "\nkeys (type, default; details: docs/training.md):")
-        for key, tp, default in keys:
-            print(f"  {key:<{width}}  {tp}, default {default}")
+        print(TRAIN_USAGE + "\n" + config_help(), end="")
         return 0
     config_path, resume, print_only, rest = None, False, False, []
     i = 0

@@ -1,19 +1,26 @@
-"""Typed, validated run configuration: YAML file + dotted command-line overrides.
+"""Typed, validated run configuration: YAML file + dotted command-line overrides, parsed by
+jsonargparse (the library under LightningCLI).
 
-Modelled on LightningCLI's ``--config`` / ``--section.key value`` / ``--print_config``
-but kept to plain dataclasses so that every error names the offending key and
-no traceback reaches the user. The resolved config is written next to each
-run's outputs (``config.yaml``), and a run can be reproduced from it alone.
+The recipe's own sections (``data``, ``model``, ``train``) are dataclasses: jsonargparse checks
+their types, rejects unknown keys and keeps the documented defaults of a section given in part,
+without importing torch, so a typo is reported at once. The ``trainer`` section is EVERY argument
+of ``lightning.Trainer`` (``gradient_clip_val``, ``accumulate_grad_batches``, ``logger``, ...),
+read from Lightning's own signature by ``add_class_arguments``, as LightningCLI does; it is
+checked second, since that needs Lightning. ``trainer.max_epochs`` means what it means in
+Lightning: the most epochs this run trains (both stages together). Errors become one
+:class:`ConfigError` line naming the key. The resolved config is written next to each run's
+outputs (``config.yaml``), and a run can be reproduced from it alone.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-import types
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
@@ -83,131 +90,16 @@ class TrainConfig:
 
 
 @dataclass
-class TrainerConfig:
-    """Arguments passed through to ``lightning.Trainer``."""
-
-    accelerator: str = "auto"
-    max_epochs: int = 0  # > 0 caps the epochs of every stage (quick runs: --trainer.max_epochs 3)
-    devices: Union[int, str] = 1
-    strategy: str = "auto"
-    precision: str = "32-true"
-    num_nodes: int = 1
-    log_every_n_steps: int = 10
-    limit_train_batches: Union[int, float] = 1.0
-    limit_val_batches: Union[int, float] = 1.0
-    limit_test_batches: Union[int, float] = 1.0
-    deterministic: bool = False
-    enable_progress_bar: bool = True
-    max_time: Union[str, None] = None  # "DD:HH:MM:SS": each stage stops there and the run goes on to its test
-
-
-@dataclass
 class Config:
     """A whole run."""
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    trainer: Any = None  # a Namespace of lightning.Trainer's arguments (trainer_parser), filled by load_config
     output_dir: str = "runs"
     run_name: str = ""  # "" = a timestamped name
     seed: int = 42
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; convert only where lossless."""
-    origin = get_origin(tp)
-    if origin in (Union, types.UnionType):
-        errors = []
-        for arm in get_args(tp):
-            try:
-                return _coerce(value, arm, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(f"{key}: {value!r} is not a valid {_type_name(tp)}")
-    if tp is type(None):
-        if value is None:
-            return None
-        raise ConfigError(f"{key}: expected null, got {value!r}")
-    if origin is Literal:
-        if value in get_args(tp):
-            return value
-        raise ConfigError(f"{key}: {value!r} is not one of {list(get_args(tp))}")
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        (arm,) = get_args(tp)
-        return [_coerce(v, arm, f"{key}[{i}]") for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return _build(tp, value, key + ".")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, int) and not isinstance(value, bool):  # --run_name 2024
-            return str(value)
-    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
-
-
-def _type_name(tp: Any) -> str:
-    if get_origin(tp) in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in get_args(tp))
-    if get_origin(tp) is Literal:
-        return "|".join(str(a) for a in get_args(tp))
-    if get_origin(tp) is list:
-        return f"list of {_type_name(get_args(tp)[0])}"
-    return getattr(tp, "__name__", str(tp))
-
-
-def describe_keys(node: Any = None, prefix: str = "") -> list[tuple[str, str, str]]:
-    """``(--key, type, default)`` for every key of the config, in order (``train.py --help``)."""
-    node = Config() if node is None else node
-    hints = typing.get_type_hints(type(node))
-    out = []
-    for f in dataclasses.fields(node):
-        value = getattr(node, f.name)
-        if dataclasses.is_dataclass(value):
-            out += describe_keys(value, f"{prefix}{f.name}.")
-        else:
-            out.append((f"--{prefix}{f.name}", _type_name(hints[f.name]), repr(value) if value != "" else '""'))
-    return out
-
-
-def _build(cls: type, values: dict, prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in values:
-        if key not in names:
-            raise ConfigError(f"unknown config key '{prefix}{key}' (valid keys here: {', '.join(sorted(names))})")
-    defaults = cls()
-    kwargs = {}
-    for k, v in values.items():
-        if dataclasses.is_dataclass(hints[k]) and isinstance(v, dict):
-            # a section given in part keeps the documented defaults of the keys it leaves out
-            # (train.finetune: {epochs: 2} keeps fine-tuning's lr 1e-4, not StageConfig's 1e-3)
-            given = _build(hints[k], v, f"{prefix}{k}.")
-            v = dataclasses.asdict(getattr(defaults, k)) | {name: _plain(getattr(given, name)) for name in v}
-        kwargs[k] = _coerce(v, hints[k], prefix + k)
-    return cls(**kwargs)
-
-
-def _plain(value: Any) -> Any:
-    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
 
 
 def _validate(cfg: Config) -> None:
@@ -242,7 +134,7 @@ def _validate(cfg: Config) -> None:
     non_negative = {
         "data.num_workers": d.num_workers, "data.max_per_class": d.max_per_class,
         "train.frozen.epochs": cfg.train.frozen.epochs, "train.finetune.epochs": cfg.train.finetune.epochs,
-        "model.image_size": cfg.model.image_size, "trainer.max_epochs": cfg.trainer.max_epochs,
+        "model.image_size": cfg.model.image_size,
         "train.feature_views": cfg.train.feature_views,
     }
     for key, v in non_negative.items():
@@ -264,19 +156,192 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"run_name must be a plain folder name (no '/', '..'), got {name!r}")
     if not 0.0 <= cfg.train.target_fpr < 1.0:
         raise ConfigError(f"train.target_fpr: must be in [0, 1), got {cfg.train.target_fpr}")
+    if cfg.trainer is not None and (cfg.trainer.max_epochs or 0) < 0:
+        raise ConfigError(f"trainer.max_epochs: must be >= 0 (or null: the stages' own epochs), got {cfg.trainer.max_epochs}")
     if not 0.0 <= cfg.train.label_smoothing < 0.5:
         raise ConfigError(f"train.label_smoothing: must be in [0, 0.5), got {cfg.train.label_smoothing}")
 
 
-def from_dict(values: dict) -> Config:
-    """Build and validate a :class:`Config` from a (nested) mapping."""
-    cfg = _build(Config, values or {})
+# ---- the parsers ---------------------------------------------------------------------------
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+TOP_LEVEL = {"output_dir": (str, "runs", "the folder under which every run gets its own folder"),
+             "run_name": (str, "", "the run's folder name ('' = a timestamp); --resume needs it"),
+             "seed": (int, 42, "seed of everything (weights init, augmentation, loaders)")}
+# the recipe sets these on every Trainer it builds (its checkpoints, history, progress bar)
+TRAINER_OWNED = {"callbacks", "plugins", "default_root_dir", "enable_checkpointing"}
+# defaults that differ from Lightning's: one device unless asked (Lightning's "auto" takes every
+# GPU), no sanity validation pass, the project's own model summary file
+TRAINER_DEFAULTS = {"devices": 1, "num_sanity_val_steps": 0, "log_every_n_steps": 10, "enable_model_summary": False}
+
+
+def _parser(prog: str = "python train.py"):
+    from jsonargparse import ArgumentParser
+
+    return ArgumentParser(prog=prog, exit_on_error=False, allow_abbrev=False)
+
+
+def sections_parser():
+    """``data``/``model``/``train`` and the top-level keys (torch-free); ``trainer`` is taken as a
+    mapping here and checked by :func:`trainer_parser`."""
+    p = _parser()
+    for name, cls in SECTIONS.items():
+        p.add_argument(f"--{name}", type=cls, default=cls(), help=(cls.__doc__ or "").strip())
+    p.add_argument("--trainer", type=dict, default={}, help="lightning.Trainer arguments (see trainer_parser)")
+    for name, (tp, default, text) in TOP_LEVEL.items():
+        p.add_argument(f"--{name}", type=tp, default=default, help=text)
+    return p
+
+
+@functools.lru_cache(maxsize=1)
+def trainer_parser():
+    """Every ``lightning.Trainer`` argument under ``trainer.``, typed and documented from Lightning's
+    own signature (imports Lightning)."""
+    import lightning as L
+
+    p = _parser()
+    p.add_class_arguments(L.Trainer, "trainer", skip=TRAINER_OWNED, fail_untyped=False)
+    p.set_defaults({f"trainer.{k}": v for k, v in TRAINER_DEFAULTS.items()})
+    return p
+
+
+def config_help(width: int = 100) -> str:
+    """Every key with its type and default, from the parsers themselves (``train.py --help`` and
+    ``docs/configuration.md``): the recipe's sections, then every ``lightning.Trainer`` argument."""
+    import os
+
+    def body(text: str) -> str:  # the option groups, without argparse's long usage block
+        text = text[text.index("\noptions:") + 1:]
+        return "\n\n".join(block for block in text.split("\n\n")
+                            if not block.startswith("options:\n  -h, --help") or "--output_dir" in block)
+
+    old = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = str(width)  # argparse wraps to the terminal; the docs need one width
+    try:
+        sections = body(sections_parser().format_help())
+        trainer = body(trainer_parser().format_help())
+    finally:
+        if old is None:
+            os.environ.pop("COLUMNS", None)
+        else:
+            os.environ["COLUMNS"] = old
+    sections = re.sub(r"  --trainer TRAINER .*?\n(?=  --)", "", sections, flags=re.S)
+    sections = sections.replace("  -h, --help            Show this help message and exit.\n", "")
+    return f"{sections.rstrip()}\n\n{trainer.rstrip()}\n"
+
+
+def _message(exc: Exception) -> str:
+    """jsonargparse's error as one line that names the key."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    m = re.match(r"Group '([\w.]+)' does not accept option '([\w.]+)'", text)
+    if m:
+        return _unknown(f"{m.group(1)}.{m.group(2)}")
+    m = re.match(r"(?:Option|Key) '([\w.]+)' is not (?:accepted|expected)", text)
+    if m:
+        return _unknown(m.group(1))
+    m = re.match(r"unrecognized arguments: --([\w.]+)", text)
+    if m:
+        return _unknown(m.group(1))
+    m = re.match(r'Parser key "([\w.]+)": (.*)', text)
+    if m:
+        return f"{m.group(1)}: {_reason(m.group(2))}"
+    return text
+
+
+def _reason(text: str) -> str:
+    """jsonargparse's type complaint, shortened: ``expected int, got 'big'``."""
+    given = re.search(r"Given value: (.*)$", text) or re.search(r"Got value: (.*)$", text)
+    got = given.group(1).strip() if given else "?"
+    if "Union subtypes" in text:
+        head = text.split("Errors:")[0]
+        arms = re.findall(r"<class '([\w.]+)'>|(typing\.Literal\[[^\]]*\])", head)
+        names = [lit.replace("typing.Literal", "one of ") if lit else ("null" if a == "NoneType" else a.rsplit(".", 1)[-1])
+                 for a, lit in dict.fromkeys(arms)]
+        return f"expected {' or '.join(names) or 'another type'}, got {got!r}"
+    m = re.match(r"Expected a <class '([\w.]+)'>", text)
+    if m:
+        return f"expected {m.group(1)}, got {got!r}"
+    m = re.match(r"Expected a typing\.Literal\[(.*?)\]", text)
+    if m:
+        return f"{got!r} is not one of [{m.group(1)}]"
+    return text
+
+
+def _unknown(key: str) -> str:
+    """``unknown config key 'a.b'`` and the keys valid there (dataclass sections: torch-free)."""
+    parts = key.split(".")
+    node: Any = Config
+    for part in parts[:-1]:
+        hints = typing.get_type_hints(node) if dataclasses.is_dataclass(node) else {}
+        node = hints.get(part)
+    if dataclasses.is_dataclass(node):
+        names = sorted(f.name for f in dataclasses.fields(node))
+        return f"unknown config key '{key}' (valid keys here: {', '.join(names)})"
+    return f"unknown config key '{key}' (python train.py --help lists every key)"
+
+
+def _cli_value(dotted: str, raw: str) -> str:
+    """A list key also takes ``a,b`` (as well as ``[a, b]``); every other value goes as written."""
+    tp = _annotation(dotted)
+    if get_origin(tp) is list and not raw.lstrip().startswith("["):
+        parts = [part.strip() for part in raw.split(",")] if raw.strip() else []
+        return "[" + ", ".join(yaml.safe_dump(part, default_flow_style=True).strip().removesuffix("...").strip()
+                               if get_args(tp)[0] is str else part for part in parts) + "]"
+    return raw
+
+
+def from_dict(values: dict, overrides: list[tuple[str, str]] | None = None) -> Config:
+    """Build and validate a :class:`Config` from a (nested) mapping plus ``--key value`` overrides."""
+    from jsonargparse import ArgumentError
+
+    values = {k: v for k, v in (values or {}).items() if v is not None}  # `data:` left empty = defaults
+    for key in values:
+        if key not in {*SECTIONS, "trainer", *TOP_LEVEL}:
+            raise ConfigError(_unknown(str(key)))
+    trainer_values = values.pop("trainer", {})
+    if not isinstance(trainer_values, dict):
+        raise ConfigError(f"trainer: expected a mapping of lightning.Trainer arguments, got {trainer_values!r}")
+    section_args, trainer_args = [], []
+    for key, raw in overrides or []:
+        if key == "trainer" or key.startswith("trainer."):
+            trainer_args.append(f"--{key}={raw}")
+        else:
+            section_args.append(f"--{key}={_cli_value(key, raw)}")
+    p = sections_parser()
+    try:
+        ns = p.parse_object(values) if values else p.get_defaults()
+        ns = p.instantiate(p.parse_args(section_args, namespace=ns))
+    except (ArgumentError, TypeError, ValueError) as exc:
+        raise ConfigError(_message(exc)) from None
+    tp = trainer_parser()
+    try:
+        tns = tp.parse_object({"trainer": trainer_values}) if trainer_values else tp.get_defaults()
+        tns = tp.parse_args(trainer_args, namespace=tns)
+    except (ArgumentError, TypeError, ValueError) as exc:
+        raise ConfigError(_message(exc)) from None
+    if tns.trainer.max_epochs == 0:  # configs written by 0.2 (and run folders' config.yaml) meant "no cap"
+        tns.trainer.max_epochs = None
+    if isinstance(tns.trainer.devices, str) and tns.trainer.devices.isdigit():
+        tns.trainer.devices = int(tns.trainer.devices)  # "2" and 2 mean the same to Lightning; keep one form
+    cfg = Config(data=ns.data, model=ns.model, train=ns.train, trainer=tns.trainer,
+                 **{k: ns[k] for k in TOP_LEVEL})
     _validate(cfg)
     return cfg
 
 
+def trainer_kwargs(cfg: Config) -> dict[str, Any]:
+    """The ``trainer`` section as ``lightning.Trainer`` keyword arguments, objects instantiated
+    (``logger: {class_path: ..., init_args: ...}`` becomes the logger)."""
+    tp = trainer_parser()
+    from jsonargparse import Namespace
+
+    return tp.instantiate(Namespace(trainer=cfg.trainer), instantiate_groups=False).trainer.as_dict()
+
+
 def to_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)
+    out = {name: dataclasses.asdict(getattr(cfg, name)) for name in SECTIONS}
+    out["trainer"] = cfg.trainer.as_dict() if cfg.trainer is not None else {}
+    out.update({k: getattr(cfg, k) for k in TOP_LEVEL})
+    return out
 
 
 def dump_yaml(cfg: Config) -> str:
@@ -326,36 +391,6 @@ def _annotation(dotted: str) -> Any:
     return tp
 
 
-def _parse_value(dotted: str, raw: str) -> Any:
-    """A command-line value, read for the key's type: text for a text key (``--run_name off`` is
-    the name "off", not YAML's false), ``a,b`` or ``[a, b]`` for a list, YAML for the rest
-    (``3``, ``1e-4``, ``true``, ``null``)."""
-    tp = _annotation(dotted)
-    arms = get_args(tp) if get_origin(tp) in (Union, types.UnionType) else (tp,)
-    if set(arms) - {type(None)} == {str} and not (type(None) in arms and raw in ("null", "~")):
-        return raw
-    if get_origin(tp) is list and not raw.lstrip().startswith("["):
-        (arm,) = get_args(tp)
-        parts = [part.strip() for part in raw.split(",")] if raw.strip() else []
-        return parts if arm is str else [yaml.safe_load(part) for part in parts]
-    try:
-        return yaml.safe_load(raw)
-    except yaml.YAMLError:
-        return raw
-
-
-def _set_dotted(values: dict, dotted: str, raw: str) -> None:
-    """Apply ``--a.b.c VALUE`` (see :func:`_parse_value`)."""
-    value = _parse_value(dotted, raw)
-    parts = dotted.split(".")
-    node = values
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"--{dotted}: '{part}' is not a section")
-    node[parts[-1]] = value
-
-
 def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
     """Turn ``['--a.b', '1', '--c=2']`` into ``[('a.b', '1'), ('c', '2')]``."""
     pairs = []
@@ -378,8 +413,5 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
 
 
 def load_config(path: str | Path | None = None, overrides: list[tuple[str, str]] | None = None) -> Config:
-    """Load ``path`` (or the defaults), apply overrides, validate."""
-    values = load_yaml(path) if path else {}
-    for key, raw in overrides or []:
-        _set_dotted(values, key, raw)
-    return from_dict(values)
+    """Load ``path`` (or the defaults), apply ``(dotted key, raw value)`` overrides, validate."""
+    return from_dict(load_yaml(path) if path else {}, overrides)

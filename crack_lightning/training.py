@@ -28,15 +28,16 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_summary import ModelSummary
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .checkpoint import read_checkpoint, save_release
-from .config import Config, ConfigError, dump_yaml
+from .config import Config, ConfigError, dump_yaml, trainer_kwargs
 from .console import ProgressBar, quiet_lightning
 from .data import CrackDataModule, Record, TensorItems, class_counts
 from .io import atomic_write, csv_path, csv_text, path_text, write_json, write_text
@@ -303,8 +304,14 @@ def compute_features(extract, loader: DataLoader, desc: str) -> TensorItems:
 
 def make_trainer(cfg: Config, run_dir: Path, stage: str | None, epochs: int = 1, patience: int = 3,
                  keep_until_epoch: int = -1) -> L.Trainer:
-    t = cfg.trainer
-    callbacks: list[Any] = [ProgressBar()] if t.enable_progress_bar else []
+    """A Trainer with every ``trainer.*`` argument of the config, plus what the recipe owns: its
+    checkpoints, early stopping, history logger (beside any ``trainer.logger`` given), atomic
+    checkpoint writes, and this stage's epochs."""
+    kwargs = trainer_kwargs(cfg)
+    extra = kwargs.pop("logger", None)
+    extra = [extra] if isinstance(extra, Logger) else [lg for lg in extra or () if isinstance(lg, Logger)] \
+        if not isinstance(extra, bool) else []
+    callbacks: list[Any] = [ProgressBar()] if kwargs.get("enable_progress_bar", True) is not False else []
     logger: Any = False
     if stage:
         ckpt_dir = run_dir / "checkpoints" / stage
@@ -316,15 +323,13 @@ def make_trainer(cfg: Config, run_dir: Path, stage: str | None, epochs: int = 1,
             EarlyStopping(monitor=cfg.train.monitor, mode=mode, patience=patience),
             InterruptNotice(run_dir),
         ]
-        logger = HistoryCSVLogger(run_dir, name="logs", version=stage, keep_until_epoch=keep_until_epoch)
-    return L.Trainer(
-        plugins=[AtomicCheckpointIO()], accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, precision=t.precision,
-        num_nodes=t.num_nodes, max_epochs=epochs, log_every_n_steps=t.log_every_n_steps,
-        limit_train_batches=t.limit_train_batches, limit_val_batches=t.limit_val_batches,
-        limit_test_batches=t.limit_test_batches, deterministic=t.deterministic,
-        enable_progress_bar=t.enable_progress_bar, callbacks=callbacks, logger=logger,
-        enable_model_summary=False, default_root_dir=str(run_dir), num_sanity_val_steps=0, max_time=t.max_time,
-    )
+        logger = [HistoryCSVLogger(run_dir, name="logs", version=stage, keep_until_epoch=keep_until_epoch), *extra]
+    kwargs.update(plugins=[AtomicCheckpointIO()], max_epochs=epochs, callbacks=callbacks, logger=logger,
+                  default_root_dir=str(run_dir))
+    try:
+        return L.Trainer(**kwargs)
+    except (MisconfigurationException, ValueError, TypeError) as exc:
+        raise ConfigError(f"trainer: {exc}") from None
 
 
 def evaluate(cfg: Config, model: CrackClassifier, dm: CrackDataModule, run_dir: Path,
@@ -349,8 +354,9 @@ def _load_weights(model: CrackClassifier, ckpt_path: str | Path) -> None:
 
 
 def run_stage(cfg: Config, model: CrackClassifier, dm: CrackDataModule, run_dir: Path, stage: str,
-              resume: bool) -> dict:
-    """Fit one stage; return where its best checkpoint is. Skips a stage already finished."""
+              resume: bool, epoch_budget: int | None = None) -> dict:
+    """Fit one stage for at most its own epochs and ``epoch_budget`` (what ``trainer.max_epochs``
+    leaves of the run); return where its best checkpoint is. Skips a stage already finished."""
     sc = getattr(cfg.train, stage)
     done = run_dir / "checkpoints" / stage / "done.json"
     if resume and done.is_file():
@@ -362,7 +368,7 @@ def run_stage(cfg: Config, model: CrackClassifier, dm: CrackDataModule, run_dir:
     model.freeze_backbone(stage == "frozen")
     model.lr, model.weight_decay = sc.lr, sc.weight_decay
     model.hparams.update(lr=sc.lr, weight_decay=sc.weight_decay)  # each stage's checkpoints say what trained them
-    epochs = min(sc.epochs, cfg.trainer.max_epochs) if cfg.trainer.max_epochs > 0 else sc.epochs
+    epochs = sc.epochs if epoch_budget is None else min(sc.epochs, epoch_budget)
     folder = run_dir / "checkpoints" / stage
     resume_from, resumed_epoch = None, -1
     if resume:
@@ -468,11 +474,14 @@ def _train(cfg: Config, run_dir: Path, resume: bool, start: float) -> dict:
 
     before = evaluate(cfg, model, dm, run_dir)
     stages = {}
+    budget = cfg.trainer.max_epochs  # Lightning's meaning: the most epochs this run trains, stages together
     for stage in ("frozen", "finetune"):
-        if getattr(cfg.train, stage).epochs > 0:
+        if getattr(cfg.train, stage).epochs > 0 and (budget is None or budget > 0):
             if stage == "finetune":
                 dm.features = {}  # the backbone will change: cached features would no longer describe it
-            stages[stage] = run_stage(cfg, model, dm, run_dir, stage, resume)
+            stages[stage] = run_stage(cfg, model, dm, run_dir, stage, resume, budget)
+            if budget is not None:
+                budget -= stages[stage]["epochs_run"]
     # with a frozen backbone the cached features ARE the backbone's output on the eval-transformed
     # images (same decode, same transform), so testing on them is exact and 10x faster on a CPU
     after = evaluate(cfg, model, dm, run_dir, use_images=not dm.features)

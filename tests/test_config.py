@@ -2,7 +2,7 @@ import pytest
 import yaml
 
 from crack_lightning.config import ConfigError, dump_yaml, load_config, parse_overrides
-from conftest import ROOT, run_main
+from conftest import ROOT, run_cli, run_main
 
 
 def write(tmp_path, text):
@@ -29,7 +29,7 @@ def test_wrong_type_is_named(tmp_path):
         load_config(write(tmp_path, "data:\n  batch_size: big\n"))
     with pytest.raises(ConfigError, match=r"model\.pretrained: 'imagenet' is not one of"):
         load_config(write(tmp_path, "model:\n  pretrained: imagenet\n"))
-    with pytest.raises(ConfigError, match=r"data\.batch_size: expected int, got True"):
+    with pytest.raises(ConfigError, match=r"data\.batch_size: expected int, got 'True'"):
         load_config(None, [("data.batch_size", "true")])
 
 
@@ -112,6 +112,9 @@ def test_text_keys_take_the_value_as_written_and_lists_split_on_commas():
     assert load_config(None, [("model.weights_file", "null")]).model.weights_file is None
     assert load_config(None, [("trainer.devices", "2")]).trainer.devices == 2  # int or str: YAML decides
     assert load_config(None, [("trainer.devices", "auto")]).trainer.devices == "auto"
+    # trainer.max_epochs: Lightning's meaning (the run's total); 0 as 0.2's config files wrote it = no cap
+    assert load_config(None, [("trainer.max_epochs", "0")]).trainer.max_epochs is None
+    assert load_config(None).trainer.max_epochs is None and load_config(None).trainer.devices == 1
 
 
 def test_a_config_mistake_is_reported_without_importing_torch():
@@ -133,20 +136,37 @@ def test_a_config_mistake_is_reported_without_importing_torch():
 
 
 def test_help_lists_every_key_with_type_and_default():
-    from crack_lightning.config import Config, to_dict
+    """--help comes from the parsers: every key of the recipe's sections and every lightning.Trainer
+    argument, each with its type and default; docs/configuration.md is the same text, up to date."""
+    import dataclasses
+    import inspect
+
+    import lightning as L
+
+    from crack_lightning.config import SECTIONS, TOP_LEVEL, TRAINER_OWNED
 
     res = run_main("train.py", "--help")
     assert res.returncode == 0
+    listed = {ln.split()[0] for ln in res.stdout.splitlines() if ln.startswith("  --")}
 
-    def flat(d, prefix=""):
-        for k, v in d.items():
-            yield from flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"--{prefix}{k}", v)]
+    def keys(cls, prefix):
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(f.default_factory() if f.default_factory is not dataclasses.MISSING else None):
+                yield from keys(type(f.default_factory()), f"{prefix}{f.name}.")
+            else:
+                yield f"--{prefix}{f.name}"
 
-    keys = dict(flat(to_dict(Config())))
-    listed = [ln.split()[0] for ln in res.stdout.splitlines() if ln.startswith("  --")]
-    assert listed == list(keys)
-    assert any(ln.split() == ["--train.frozen.epochs", "int,", "default", "10"] for ln in res.stdout.splitlines())
-    assert any(ln.split()[:2] == ["--model.pretrained", "timm|lite0|none,"] for ln in res.stdout.splitlines())
+    expected = {k for name, cls in SECTIONS.items() for k in keys(cls, f"{name}.")} | {f"--{k}" for k in TOP_LEVEL}
+    trainer = {f"--trainer.{n}" for n in inspect.signature(L.Trainer.__init__).parameters} - {"--trainer.self"}
+    expected |= trainer - {f"--trainer.{n}" for n in TRAINER_OWNED}
+    assert expected <= listed, sorted(expected - listed)
+    text = " ".join(res.stdout.split())
+    assert "--train.frozen.epochs EPOCHS (type: int, default: 10)" in text
+    assert "--model.pretrained {timm,lite0,none} (type: Literal['timm', 'lite0', 'none'], default: lite0)" in text
+    assert "--trainer.gradient_clip_val" in listed and "--trainer.accumulate_grad_batches" in listed
+    assert "--trainer.devices DEVICES" in text and "default: 1)" in text.split("--trainer.devices DEVICES")[1][:600]
+    check = run_cli("tools/config_reference.py", "--check")
+    assert check.returncode == 0, check.stderr
 
 
 def test_a_partial_section_keeps_the_documented_defaults(tmp_path):

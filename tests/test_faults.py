@@ -88,7 +88,7 @@ def test_wrong_type_in_config_file(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("data:\n  batch_size: [1, 2]\n")
     line = one_error_line(run_main("train.py", "--config", str(cfg)))
-    assert line == "error: data.batch_size: expected int, got [1, 2] (list)"
+    assert line == "error: data.batch_size: expected int, got '[1, 2]'"
 
 
 def test_broken_yaml(tmp_path):

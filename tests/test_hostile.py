@@ -397,8 +397,8 @@ def test_presplit_root_with_an_empty_test_split_is_refused(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("override, expected", [
-    (["--train.frozen.lr", "nan"], "train.frozen.lr: must be > 0"),
-    (["--train.frozen.lr", "inf"], "must be a finite number"),
+    (["--train.frozen.lr", "nan"], "train.frozen.lr: expected float, got 'nan'"),
+    (["--train.frozen.lr", "inf"], "train.frozen.lr: expected float, got 'inf'"),
     (["--model.drop_rate", "5"], "model.drop_rate: must be in [0, 1)"),
     (["--model.image_size", "-5"], "model.image_size"),
     (["--data.batch_size", "0"], "data.batch_size: must be > 0"),

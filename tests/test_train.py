@@ -36,9 +36,13 @@ def test_quickstart_run_writes_everything(trained_run):
 def test_frozen_then_finetune_changes_backbone(tmp_path):
     data = make_folder(tmp_path / "data", n_per_class=8)
     res = run_cli("train.py", "--config", "configs/quickstart.yaml", "--data.root", str(data), "--output_dir",
-                  str(tmp_path / "runs"), "--run_name", "two", "--train.frozen.epochs", "1",
-                  "--train.finetune.epochs", "1", "--train.cache_features", "false", *TINY)
+                  str(tmp_path / "runs"), "--run_name", "two", "--train.frozen.epochs", "2",
+                  "--train.finetune.epochs", "2", "--trainer.max_epochs", "3", "--train.cache_features", "false",
+                  "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
+                  "--trainer.logger.save_dir", str(tmp_path / "extra"), *TINY)
     assert res.returncode == 0, res.stderr[-2000:]
+    # a Trainer argument of the user's reaches Lightning: their logger writes beside the run's history
+    assert list((tmp_path / "extra").rglob("metrics.csv")) and (tmp_path / "runs/two/logs/frozen/metrics.csv").is_file()
     # what the user reads: the run folder, the split, the result; no library banners or warnings
     out = res.stdout + res.stderr
     for chatter in ("Tip:", "GPU available", "TPU available", "was configured so", "Warning", "warn", "eval mode",
@@ -61,10 +65,35 @@ def test_frozen_then_finetune_changes_backbone(tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     stages = metrics["stages"]
     assert set(stages) == {"frozen", "finetune"}
+    # trainer.max_epochs means Lightning's: the most epochs of the run, both stages together (2 + 1)
+    assert (stages["frozen"]["epochs_run"], stages["finetune"]["epochs_run"]) == (2, 1)
     n_train = sum(metrics["counts"]["train"].values())
     for stage in stages.values():  # every epoch timed, over every training image
         assert [e["images"] for e in stage["epoch_times"]] == [n_train] * stage["epochs_run"]
         assert all(e["train_s"] > 0 and e["images_per_s"] > 0 for e in stage["epoch_times"])
+
+
+def test_every_trainer_argument_reaches_the_trainer(tmp_path):
+    """trainer.* is lightning.Trainer's own signature: clipping, accumulation and the rest arrive as
+    given; the recipe keeps its callbacks, checkpoint I/O and history logger; a wrong one is named."""
+    from crack_lightning.config import ConfigError, load_config
+    from crack_lightning.training import AtomicCheckpointIO, HistoryCSVLogger, make_trainer
+
+    cfg = load_config(ROOT / "configs/quickstart.yaml", [
+        ("trainer.gradient_clip_val", "0.5"), ("trainer.gradient_clip_algorithm", "value"),
+        ("trainer.accumulate_grad_batches", "3"), ("trainer.check_val_every_n_epoch", "2"),
+        ("trainer.accelerator", "cpu"), ("trainer.enable_progress_bar", "false")])
+    t = make_trainer(cfg, tmp_path, "frozen", epochs=4)
+    assert (t.gradient_clip_val, t.gradient_clip_algorithm, t.accumulate_grad_batches) == (0.5, "value", 3)
+    assert t.check_val_every_n_epoch == 2 and t.max_epochs == 4
+    assert isinstance(t.strategy.checkpoint_io, AtomicCheckpointIO)
+    assert any(isinstance(lg, HistoryCSVLogger) for lg in t.loggers)
+    with pytest.raises(ConfigError, match=r"unknown config key 'trainer\.gradient_clip_vall'"):
+        load_config(None, [("trainer.gradient_clip_vall", "1")])
+    with pytest.raises(ConfigError, match=r"trainer\.accumulate_grad_batches: expected int, got 'many'"):
+        load_config(None, [("trainer.accumulate_grad_batches", "many")])
+    with pytest.raises(ConfigError, match=r"trainer\.max_epochs: must be >= 0"):
+        load_config(None, [("trainer.max_epochs", "-2")])
 
 
 def test_ddp_two_processes_on_cpu(tmp_path):
