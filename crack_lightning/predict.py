@@ -126,7 +126,7 @@ class Predictor:
             self.num_workers = min(16, max(1, (os.cpu_count() or 2) - 1)) if self.on_gpu else 1
         self.checkpoint = Path(self.checkpoint) if self.checkpoint else DEFAULT_CHECKPOINT
         if self.checkpoint.suffix == ".onnx":
-            from .export import OnnxModel
+            from .engine import OnnxModel
 
             self.model = OnnxModel(self.checkpoint)
             self.pre, self.class_names, stored = self.model.pre, self.model.class_names, self.model.threshold
