@@ -19,7 +19,9 @@ from typing import Any, Sequence
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from .errors import InputError
 from .predict import Predictor, Row
 
 
@@ -74,9 +76,14 @@ def predict_distributed(paths: Sequence[Path], predictor_kwargs: dict[str, Any],
     quiet_lightning()
     strategy = "ddp" if num_nodes > 1 or devices not in (1, "1") else "auto"
     module = PredictModule(paths, predictor_kwargs)
-    trainer = L.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
-                        callbacks=[ShardWriter(shard_dir)], logger=False, enable_checkpointing=False,
-                        enable_model_summary=False, enable_progress_bar=progress)
+    try:
+        trainer = L.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
+                            callbacks=[ShardWriter(shard_dir)], logger=False, enable_checkpointing=False,
+                            enable_model_summary=False, enable_progress_bar=progress)
+    except (MisconfigurationException, ValueError, TypeError) as exc:
+        hint = " (this machine has no CUDA GPU: use --accelerator cpu)" \
+            if accelerator in ("gpu", "cuda") and not torch.cuda.is_available() else ""
+        raise InputError(f"--accelerator {accelerator} --devices {devices}: {exc}{hint}") from None
     trainer.predict(module, return_predictions=False)
     trainer.strategy.barrier()
     if trainer.global_rank != 0:

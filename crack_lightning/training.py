@@ -329,7 +329,13 @@ def make_trainer(cfg: Config, run_dir: Path, stage: str | None, epochs: int = 1,
     try:
         return L.Trainer(**kwargs)
     except (MisconfigurationException, ValueError, TypeError) as exc:
-        raise ConfigError(f"trainer: {exc}") from None
+        raise ConfigError(f"trainer: {exc}{_gpu_hint(str(kwargs.get('accelerator')))}") from None
+
+
+def _gpu_hint(accelerator: str) -> str:
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        return " (this machine has no CUDA GPU: use --trainer.accelerator cpu or auto)"
+    return ""
 
 
 def evaluate(cfg: Config, model: CrackClassifier, dm: CrackDataModule, run_dir: Path,
@@ -443,6 +449,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
 
 
 def _train(cfg: Config, run_dir: Path, resume: bool, start: float) -> dict:
+    make_trainer(cfg, run_dir, None)  # a trainer.* setting Lightning refuses stops here, before any data work
     model = build_model(cfg)
     on_gpu = feature_device(cfg).type == "cuda"
     dm = CrackDataModule(cfg.data, pre=model.pre, device_normalize=on_gpu, defer_resize=on_gpu, run_dir=run_dir)

@@ -259,6 +259,23 @@ def test_unavailable_device_is_one_line(tmp_path, capsys, tiny_model, device, mo
                                             tmp_path / "p.csv")[::2])
 
 
+def test_a_gpu_asked_of_a_machine_without_one_is_one_line_before_any_work(tmp_path, capsys, tiny_model, monkeypatch):
+    """--accelerator gpu (prediction over processes) and --trainer.accelerator gpu (training): Lightning
+    refuses; the user reads one line naming the flag, and training stops before scanning any data."""
+    from lightning.pytorch.accelerators import CUDAAccelerator
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same answer on a machine with a GPU
+    monkeypatch.setattr(CUDAAccelerator, "is_available", staticmethod(lambda: False))
+    line = one_error(*predict(capsys, tiny_model, POS[0], "--accelerator", "gpu", "--devices", "1", "--output",
+                              tmp_path / "p.csv")[::2])
+    assert line.startswith("error: --accelerator gpu --devices 1:") and "use --accelerator cpu" in line
+    code, out, err = run(train_main, [*TINY, "--data.root", SAMPLE, "--output_dir", tmp_path / "runs",
+                                      "--trainer.accelerator", "gpu"], capsys)
+    assert "use --trainer.accelerator cpu" in one_error(code, err)
+    assert "split:" not in out  # no data was scanned
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # no run folder left
+
+
 # ---- damaged images: the file's error row, never a crash ------------------------------------------------------
 def exif_crasher() -> bytes:
     """A rotated JPEG whose EXIF block makes Pillow's own ``exif_transpose`` raise something other
