@@ -269,6 +269,9 @@ def _reason(text: str) -> str:
 def _unknown(key: str) -> str:
     """``unknown config key 'a.b'`` and the keys valid there (dataclass sections: torch-free)."""
     parts = key.split(".")
+    if parts[0] == "trainer" and len(parts) == 2 and parts[1] in TRAINER_OWNED:
+        return (f"trainer.{parts[1]} is set by the recipe (its checkpoints, early stopping, history and "
+                "checkpoint writer) and cannot be configured")
     node: Any = Config
     for part in parts[:-1]:
         hints = typing.get_type_hints(node) if dataclasses.is_dataclass(node) else {}

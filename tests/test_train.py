@@ -92,6 +92,8 @@ def test_every_trainer_argument_reaches_the_trainer(tmp_path):
         load_config(None, [("trainer.gradient_clip_vall", "1")])
     with pytest.raises(ConfigError, match=r"trainer\.accumulate_grad_batches: expected int, got 'many'"):
         load_config(None, [("trainer.accumulate_grad_batches", "many")])
+    with pytest.raises(ConfigError, match=r"trainer\.callbacks is set by the recipe"):
+        load_config(None, [("trainer.callbacks", "[]")])
     with pytest.raises(ConfigError, match=r"trainer\.max_epochs: must be >= 0"):
         load_config(None, [("trainer.max_epochs", "-2")])
 
