@@ -154,14 +154,25 @@ def test_leave_one_source_out_command(tmp_path):
     masonry = tmp_path / "masonry"
     make_folder(masonry, n_per_class=3, classes=("Positive",))
     out = tmp_path / "loso.json"
-    res = run_cli("bench/loso.py", "--mendeley", str(mendeley), "--field", str(field), "--masonry", str(masonry),
-                  "--folds", "pavement", "--mendeley-per-class", "6", "--output-dir", str(tmp_path / "runs"),
-                  "--out", str(out), "--heatmap", str(tmp_path / "heat.png"), "--heatmap-fold", "pavement",
-                  "--set", "train.frozen.epochs=2", "model.image_size=64", "data.num_workers=0", timeout=600)
+    common = ["--mendeley", str(mendeley), "--field", str(field), "--masonry", str(masonry), "--out", str(out),
+              "--heatmap", str(tmp_path / "heat.png"), "--heatmap-fold", "pavement"]
+    # train apart (as on a lent GPU), then score the run it left (as here)
+    res = run_cli("bench/loso.py", *common, "--train-only", "--folds", "pavement", "--mendeley-per-class", "6",
+                  "--output-dir", str(tmp_path / "runs"), "--set", "train.frozen.epochs=2", "model.image_size=64",
+                  "data.num_workers=0", timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (run,) = (tmp_path / "runs").glob("pavement_*")
+    assert (run / "model.pt").is_file() and float((run / "train_wall_s.txt").read_text()) > 0
+    split = tmp_path / "mendeley_split.csv"  # a "full Mendeley split": its test rows score every model
+    rows = [f"{f},{int(f.parent.name == 'Positive')},test" for f in sorted(mendeley.rglob("*.jpg"))]
+    split.write_text("path,label,split\n" + "\n".join(rows) + "\n")
+    res = run_cli("bench/loso.py", *common, "--runs", f"pavement={run}", "--mendeley-test", str(split), timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     r = json.loads(out.read_text())["folds"]["pavement"]
     assert r["held_out"] == ["aigle", "cracktree"] and "aigle" not in r["trained_on"]
     assert r["trained_on"] == ["mendeley", "rissbilder", "concrete_nocrack", "gaps"]
+    assert r["train_wall_s"] == float((run / "train_wall_s.txt").read_text())
+    assert r["mendeley_full_test"]["n"] == 12 and 0 <= r["mendeley_full_test"]["acc"] <= 1
     t = r["held_out_tiles"]
     # 8 photos x 4 tiles: each cracked photo (2 per source) has 2 crack tiles and 2 too near its crack
     assert t["n"] == t["tp"] + t["fp"] + t["fn"] + t["tn"] == 24 and t["tp"] + t["fn"] == 8
