@@ -33,7 +33,8 @@ from crack_lightning.data import CrackDataModule, Record, list_images  # noqa: E
 from crack_lightning.images import decode_image  # noqa: E402
 from crack_lightning.io import write_results  # noqa: E402
 from crack_lightning.predict import Predictor, label_from_path, write_rows  # noqa: E402
-from crack_lightning.training import compute_features, feature_extractor  # noqa: E402
+from crack_lightning.data import compute_features  # noqa: E402
+from crack_lightning.training import feature_extractor  # noqa: E402
 from crack_lightning.transforms import area_resize, eval_transform, resize_op, train_transform  # noqa: E402
 
 

@@ -425,6 +425,37 @@ class CrackDataModule(L.LightningDataModule):
                 raise DataError("no split to train on: CrackDataModule.prepare_data() has not written split.csv")
             self.records = read_split_csv(self.run_dir / "split.csv")
 
+    # ---- the cached-feature frozen stage: what the loaders serve ----------------------------------
+    def cache_features(self, make_extractor: Callable[[], Callable], views: int = 0, cache_file: Path | None = None,
+                       rank_zero: bool = True) -> None:
+        """Run the frozen backbone (``make_extractor()``) once over every split, plus ``views``
+        augmented views of the training images; the loaders then serve the stored features
+        (``Batch(features=True)``) and the head alone trains on them. Under DDP, rank 0 computes
+        and writes ``cache_file``; the other processes read it instead of recomputing."""
+        if not rank_zero and cache_file is not None and cache_file.is_file():
+            stored = torch.load(cache_file, weights_only=True)
+            self.features = {s: TensorItems(f, y) for s, (f, y) in stored.items()}
+            return
+        extract = make_extractor()
+        feats = {s: compute_features(extract, self.eval_loader(s), s) for s in SPLITS if self.split(s)}
+        extra = [compute_features(extract, self.eval_loader("train", augment=True), f"train, augmented view {k + 1}")
+                 for k in range(views)]
+        feats["train"] = TensorItems.concat([feats["train"], *extra])
+        self.features = feats
+        if rank_zero and cache_file is not None:  # for DDP workers, if the strategy starts any
+            from .io import atomic_write
+
+            with atomic_write(cache_file, "wb") as f:
+                torch.save({s: (t.features, t.labels) for s, t in feats.items()}, f)
+
+    def serve_images(self) -> None:
+        """Images again (the backbone is about to train: stored features would no longer describe it)."""
+        self.features = {}
+
+    @property
+    def serves_features(self) -> bool:
+        return bool(self.features)
+
     def split(self, name: str) -> list[Record]:
         return [r for r in self.records if r.split == name]
 
@@ -476,6 +507,16 @@ class CrackDataModule(L.LightningDataModule):
     def eval_loader(self, name: str, augment: bool = False) -> DataLoader:
         """Images of split ``name`` in order, never cached features (``augment``: train transform)."""
         return self._loader(ImageDataset(self.split(name), self._transform(augment)), shuffle=False)
+
+
+@torch.inference_mode()
+def compute_features(extract, loader: DataLoader, desc: str) -> TensorItems:
+    """Run the frozen backbone once over ``loader``; the head then trains on the stored features."""
+    feats, labels = [], []
+    for b in tqdm(loader, desc=f"caching features ({desc})", unit="batch"):
+        feats.append(extract(b.x))
+        labels.append(b.y)
+    return TensorItems(torch.cat(feats), torch.cat(labels))
 
 
 def build_split(cfg: DataConfig, out_dir: Path) -> list[Record]:
@@ -540,7 +581,7 @@ def class_counts(records: list[Record]) -> dict[str, dict[int, int]]:
 
 
 __all__ = [
-    "CrackDataModule", "DataError", "ImageDataset", "Record", "TensorItems", "Batch", "Batches", "build_split",
+    "CrackDataModule", "DataError", "ImageDataset", "Record", "TensorItems", "Batch", "Batches", "compute_features", "build_split",
     "check_no_leak", "check_trainable", "class_counts", "label_conflicts", "list_images", "make_loader",
     "read_split_csv", "scan", "scan_sources", "split_records", "split_summary", "subsample", "write_split_csv",
 ]

@@ -33,13 +33,11 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_summary import ModelSummary
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from .checkpoint import read_checkpoint, save_release
 from .config import Config, ConfigError, dump_yaml, trainer_kwargs
 from .console import ProgressBar, quiet_lightning
-from .data import CrackDataModule, Record, TensorItems, class_counts
+from .data import CrackDataModule, Record, class_counts
 from .io import atomic_write, csv_path, csv_text, path_text, write_json, write_text
 from .model import CrackClassifier
 
@@ -292,16 +290,6 @@ def feature_extractor(model: CrackClassifier, engine: str = "auto", device: torc
     return lambda x: run(pre.model_input(x.to(device, non_blocking=True))).cpu()
 
 
-@torch.inference_mode()
-def compute_features(extract, loader: DataLoader, desc: str) -> TensorItems:
-    """Run the frozen backbone once over ``loader``; the head then trains on the stored features."""
-    feats, labels = [], []
-    for b in tqdm(loader, desc=f"caching features ({desc})", unit="batch"):
-        feats.append(extract(b.x))
-        labels.append(b.y)
-    return TensorItems(torch.cat(feats), torch.cat(labels))
-
-
 def make_trainer(cfg: Config, run_dir: Path, stage: str | None, epochs: int = 1, patience: int = 3,
                  keep_until_epoch: int = -1) -> L.Trainer:
     """A Trainer with every ``trainer.*`` argument of the config, plus what the recipe owns: its
@@ -461,23 +449,11 @@ def _train(cfg: Config, run_dir: Path, resume: bool, start: float) -> dict:
         write_text(run_dir / "config.yaml", dump_yaml(cfg))
         write_text(run_dir / "model_summary.txt", f"{ModelSummary(model, max_depth=2)}\n\n{model}\n")
 
-    cached = cfg.train.cache_features and cfg.train.frozen.epochs > 0
     features_file = run_dir / "features.pt"  # rank 0's feature cache, read by DDP workers
-    if cached:
+    if cfg.train.cache_features and cfg.train.frozen.epochs > 0:
         model.freeze_backbone(True)
-        if not is_global_zero() and features_file.is_file():
-            stored = torch.load(features_file, weights_only=True)
-            dm.features = {s: TensorItems(f, y) for s, (f, y) in stored.items()}
-        else:
-            extract = feature_extractor(model, cfg.train.feature_engine, feature_device(cfg))
-            dm.features = {s: compute_features(extract, dm.eval_loader(s), s)
-                           for s in ("train", "val", "test") if dm.split(s)}
-            views = [compute_features(extract, dm.eval_loader("train", augment=True),
-                                      f"train, augmented view {k + 1}") for k in range(cfg.train.feature_views)]
-            dm.features["train"] = TensorItems.concat([dm.features["train"], *views])
-            if is_global_zero():  # for DDP workers, if the strategy starts any (deleted at the end)
-                with atomic_write(features_file, "wb") as f:
-                    torch.save({s: (t.features, t.labels) for s, t in dm.features.items()}, f)
+        dm.cache_features(lambda: feature_extractor(model, cfg.train.feature_engine, feature_device(cfg)),
+                          cfg.train.feature_views, features_file, is_global_zero())
 
     before = evaluate(cfg, model, dm, run_dir)
     stages = {}
@@ -485,13 +461,13 @@ def _train(cfg: Config, run_dir: Path, resume: bool, start: float) -> dict:
     for stage in ("frozen", "finetune"):
         if getattr(cfg.train, stage).epochs > 0 and (budget is None or budget > 0):
             if stage == "finetune":
-                dm.features = {}  # the backbone will change: cached features would no longer describe it
+                dm.serve_images()  # the backbone will change: cached features would no longer describe it
             stages[stage] = run_stage(cfg, model, dm, run_dir, stage, resume, budget)
             if budget is not None:
                 budget -= stages[stage]["epochs_run"]
     # with a frozen backbone the cached features ARE the backbone's output on the eval-transformed
     # images (same decode, same transform), so testing on them is exact and 10x faster on a CPU
-    after = evaluate(cfg, model, dm, run_dir, use_images=not dm.features)
+    after = evaluate(cfg, model, dm, run_dir, use_images=not dm.serves_features)
     result = {
         "run_dir": str(run_dir), "backbone": cfg.model.backbone, "hardware": hardware(),
         "counts": {s: {cfg.data.class_names[k]: v for k, v in c.items()} for s, c in class_counts(records).items()},

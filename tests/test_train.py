@@ -149,7 +149,8 @@ def test_gpu_loaders_drive_training_and_feature_caching(tmp_path):
     from crack_lightning.config import DataConfig
     from crack_lightning.data import CrackDataModule, scan, split_records
     from crack_lightning.model import CrackClassifier
-    from crack_lightning.training import compute_features, feature_extractor
+    from crack_lightning.data import compute_features
+    from crack_lightning.training import feature_extractor
 
     records = split_records(scan(make_folder(tmp_path / "d", n_per_class=8), ("Negative", "Positive"))[0],
                             0.25, 0.25, 0)
