@@ -167,6 +167,18 @@ SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
 TOP_LEVEL = {"output_dir": (str, "runs", "the folder under which every run gets its own folder"),
              "run_name": (str, "", "the run's folder name ('' = a timestamp); --resume needs it"),
              "seed": (int, 42, "seed of everything (weights init, augmentation, loaders)")}
+# lightning.Trainer's argument names (lightning==2.6.6, a test keeps this equal to the installed
+# signature): a misspelt trainer key is named at once, without importing Lightning for it
+TRAINER_ARGS = (
+    "accelerator", "strategy", "devices", "num_nodes", "precision", "logger", "callbacks", "fast_dev_run",
+    "max_epochs", "min_epochs", "max_steps", "min_steps", "max_time", "limit_train_batches", "limit_val_batches",
+    "limit_test_batches", "limit_predict_batches", "overfit_batches", "val_check_interval",
+    "check_val_every_n_epoch", "num_sanity_val_steps", "log_every_n_steps", "enable_checkpointing",
+    "enable_progress_bar", "enable_model_summary", "accumulate_grad_batches", "gradient_clip_val",
+    "gradient_clip_algorithm", "deterministic", "benchmark", "inference_mode", "use_distributed_sampler",
+    "profiler", "detect_anomaly", "barebones", "plugins", "sync_batchnorm", "reload_dataloaders_every_n_epochs",
+    "default_root_dir", "enable_autolog_hparams", "model_registry",
+)
 # the recipe sets these on every Trainer it builds (its checkpoints, history, progress bar)
 TRAINER_OWNED = {"callbacks", "plugins", "default_root_dir", "enable_checkpointing"}
 # defaults that differ from Lightning's: one device unless asked (Lightning's "auto" takes every
@@ -309,6 +321,11 @@ def from_dict(values: dict, overrides: list[tuple[str, str]] | None = None) -> C
             trainer_args.append(f"--{key}={raw}")
         else:
             section_args.append(f"--{key}={_cli_value(key, raw)}")
+    given = [*trainer_values, *(a[len("--trainer."):].split("=", 1)[0].split(".")[0]
+                                for a in trainer_args if a.startswith("--trainer."))]
+    for name in given:  # names first, torch-free; their values need Lightning's signature (below)
+        if name not in TRAINER_ARGS or name in TRAINER_OWNED:
+            raise ConfigError(_unknown(f"trainer.{name}"))
     p = sections_parser()
     try:
         ns = p.parse_object(values) if values else p.get_defaults()

@@ -128,6 +128,17 @@ def test_a_config_mistake_is_reported_without_importing_torch():
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert res.stdout.split() == ["2", "False", "False"], res.stderr
     assert res.stderr.startswith("error: unknown config key 'data.bogus'")
+    code = code.replace("'--data.bogus', '1'", "'--trainer.gradient_clip_vall', '1'")  # a Trainer key, misspelt
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert res.stdout.split() == ["2", "False", "False"], res.stderr
+    assert res.stderr.startswith("error: unknown config key 'trainer.gradient_clip_vall'")
+    import inspect
+
+    import lightning as L
+
+    from crack_lightning.config import TRAINER_ARGS
+
+    assert list(TRAINER_ARGS) == [n for n in inspect.signature(L.Trainer.__init__).parameters if n != "self"]
     from crack_lightning.errors import UserError
     from crack_lightning.checkpoint import CheckpointError
     from crack_lightning.images import BadImageError
