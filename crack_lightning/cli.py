@@ -238,6 +238,8 @@ def predict_main(argv: list[str]) -> int:
         for name in REPORT_FILES:
             check_output_file(Path(args.report) / name, protected, "--report", ours=written_by_us())
     distributed = args.accelerator is not None or args.devices is not None or args.num_nodes != 1
+    kwargs = dict(checkpoint=checkpoint, batch_size=args.batch_size, num_workers=args.workers,
+                  threshold=args.threshold, engine=args.engine)  # the same model settings in every process
     if distributed:
         if per_photo:
             raise ConfigError("--accelerator/--devices/--num_nodes spread predict.py's CSV; "
@@ -247,8 +249,6 @@ def predict_main(argv: list[str]) -> int:
             raise ConfigError(f"--num_nodes must be >= 1, got {args.num_nodes}")
         from .distributed import predict_distributed
 
-        kwargs = dict(checkpoint=checkpoint, batch_size=args.batch_size, num_workers=args.workers,
-                      threshold=args.threshold, engine=args.engine)
         shards = out.parent / f".{out.name}.shards"
         rows, predictor = predict_distributed(paths, kwargs, shards, args.accelerator or "auto", devices,
                                               args.num_nodes)
@@ -256,7 +256,7 @@ def predict_main(argv: list[str]) -> int:
             return 0
         rows = write_rows(rows, out)
     else:
-        predictor = Predictor(checkpoint, args.device, args.batch_size, args.workers, args.threshold, args.engine)
+        predictor = Predictor(device=args.device, **kwargs)
         if per_photo:
             return (_localize if args.localize else _explain)(predictor, paths, outputs, out, args)
         rows = write_rows(predictor.iter_rows(paths), out)

@@ -21,6 +21,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from .engine import no_gpu_hint
 from .errors import InputError
 from .predict import Predictor, Row
 
@@ -81,9 +82,8 @@ def predict_distributed(paths: Sequence[Path], predictor_kwargs: dict[str, Any],
                             callbacks=[ShardWriter(shard_dir)], logger=False, enable_checkpointing=False,
                             enable_model_summary=False, enable_progress_bar=progress)
     except (MisconfigurationException, ValueError, TypeError) as exc:
-        hint = " (this machine has no CUDA GPU: use --accelerator cpu)" \
-            if accelerator in ("gpu", "cuda") and not torch.cuda.is_available() else ""
-        raise InputError(f"--accelerator {accelerator} --devices {devices}: {exc}{hint}") from None
+        raise InputError(f"--accelerator {accelerator} --devices {devices}: {exc}"
+                         f"{no_gpu_hint(accelerator, '--accelerator')}") from None
     trainer.predict(module, return_predictions=False)
     trainer.strategy.barrier()
     if trainer.global_rank != 0:

@@ -91,6 +91,14 @@ def onnx_runner(module: nn.Module, size: int, threads: int = 0) -> Callable[[tor
     return lambda x: torch.from_numpy(sess.run(None, {"image": x.float().contiguous().numpy()})[0])
 
 
+def no_gpu_hint(accelerator: str, flag: str) -> str:
+    """`` (this machine has no CUDA GPU: use FLAG cpu)`` when ``accelerator`` asks for a GPU that
+    is not here (appended to Lightning's own message), else ``""``."""
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        return f" (this machine has no CUDA GPU: use {flag} cpu)"
+    return ""
+
+
 def gpu_autocast(device: torch.device | str):
     """THE PyTorch precision rule: bf16 autocast on a GPU (tensor cores), float32 elsewhere."""
     device = torch.device(device)

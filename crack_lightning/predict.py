@@ -24,7 +24,7 @@ from .data import Batches, ImageDataset, make_loader
 from .images import MAX_PIXELS, decode_image, is_image_file
 from .io import atomic_write, csv_path, csv_text
 from .metrics import binary_metrics
-from .transforms import Preprocessing, eval_transform
+from .transforms import eval_transform
 
 RELEASE_NAME = "crack_lite0.pt"
 
@@ -76,13 +76,12 @@ def label_from_path(path: Path, class_names: Sequence[str]) -> int | None:
 
 class Prepare:
     """One uploaded image (bytes or a path) -> the model's input item, as :class:`ImageDataset`
-    makes it from files: normalised float ``(3,S,S)``, or, for the PyTorch engine (``uint8=True``),
-    the decoded ``HxWx3`` uint8 array that :class:`Batches` stacks. Raises :class:`BadImageError`
+    makes it from files with ``transform`` (:attr:`Predictor.transform`): normalised float ``(3,S,S)``,
+    or, with none (the PyTorch engine), the decoded ``HxWx3`` uint8 array that :class:`Batches` stacks. Raises :class:`BadImageError`
     for a file that is not a usable image (the server's per-request path)."""
 
-    def __init__(self, pre: Preprocessing, uint8: bool, max_pixels: int = MAX_PIXELS):
-        self.max_pixels = max_pixels
-        self.transform = None if uint8 else eval_transform(pre)
+    def __init__(self, transform, max_pixels: int = MAX_PIXELS):
+        self.transform, self.max_pixels = transform, max_pixels
 
     def __call__(self, source: str | Path | bytes):
         image = decode_image(source, self.max_pixels)
@@ -176,7 +175,13 @@ class Predictor:
 
     def preparer(self, max_pixels: int = MAX_PIXELS) -> "Prepare":
         """What turns one image file into this model's input item (see :class:`Prepare`)."""
-        return Prepare(self.pre, self.device_normalize, max_pixels)
+        return Prepare(self.transform, max_pixels)
+
+    @property
+    def transform(self):
+        """What a worker does to a decoded image: the eval transform into normalised floats, or
+        nothing when the model's device finishes uint8 batches (:attr:`device_normalize`)."""
+        return None if self.device_normalize else eval_transform(self.pre)
 
     @property
     def collate(self) -> Batches:
@@ -185,8 +190,7 @@ class Predictor:
 
     def dataset(self, paths: Sequence[Path], max_pixels: int = MAX_PIXELS) -> ImageDataset:
         """``paths`` as this model's input items; an unreadable file becomes an error item."""
-        transform = None if self.device_normalize else eval_transform(self.pre)
-        return ImageDataset(paths, transform, tolerant=True, max_pixels=max_pixels)
+        return ImageDataset(paths, self.transform, tolerant=True, max_pixels=max_pixels)
 
     def loader(self, paths: Sequence[Path]) -> DataLoader:
         """:class:`Batch` es of ``paths``, in order, ready for :meth:`probabilities`."""

@@ -296,9 +296,8 @@ def make_trainer(cfg: Config, run_dir: Path, stage: str | None, epochs: int = 1,
     checkpoints, early stopping, history logger (beside any ``trainer.logger`` given), atomic
     checkpoint writes, and this stage's epochs."""
     kwargs = trainer_kwargs(cfg)
-    extra = kwargs.pop("logger", None)
-    extra = [extra] if isinstance(extra, Logger) else [lg for lg in extra or () if isinstance(lg, Logger)] \
-        if not isinstance(extra, bool) else []
+    given = kwargs.pop("logger", None)  # None/True/False: Lightning's default or none; the recipe's stays
+    extra = [given] if isinstance(given, Logger) else list(given) if isinstance(given, (list, tuple)) else []
     callbacks: list[Any] = [ProgressBar()] if kwargs.get("enable_progress_bar", True) is not False else []
     logger: Any = False
     if stage:
@@ -317,24 +316,21 @@ def make_trainer(cfg: Config, run_dir: Path, stage: str | None, epochs: int = 1,
     try:
         return L.Trainer(**kwargs)
     except (MisconfigurationException, ValueError, TypeError) as exc:
-        raise ConfigError(f"trainer: {exc}{_gpu_hint(str(kwargs.get('accelerator')))}") from None
+        from .engine import no_gpu_hint
+
+        raise ConfigError(f"trainer: {exc}{no_gpu_hint(str(kwargs.get('accelerator')), '--trainer.accelerator')}") \
+            from None
 
 
-def _gpu_hint(accelerator: str) -> str:
-    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        return " (this machine has no CUDA GPU: use --trainer.accelerator cpu or auto)"
-    return ""
-
-
-def evaluate(cfg: Config, model: CrackClassifier, dm: CrackDataModule, run_dir: Path,
-             use_images: bool = False) -> dict[str, dict]:
-    """Validation and test metrics of ``model`` as it is now."""
+def evaluate(cfg: Config, model: CrackClassifier, dm: CrackDataModule, run_dir: Path) -> dict[str, dict]:
+    """Validation and test metrics of ``model`` as it is now, on what the DataModule serves (cached
+    features while the backbone is frozen and cached, images otherwise)."""
     trainer = make_trainer(cfg, run_dir, None)
     out = {}
     for split in ("val", "test"):
         if not dm.split(split):
             continue
-        loader = dm.eval_loader(split) if use_images else getattr(dm, f"{split}_dataloader")()
+        loader = getattr(dm, f"{split}_dataloader")()
         if split == "val":
             trainer.validate(model, loader, verbose=False)
         else:
@@ -467,7 +463,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, start: float) -> dict:
                 budget -= stages[stage]["epochs_run"]
     # with a frozen backbone the cached features ARE the backbone's output on the eval-transformed
     # images (same decode, same transform), so testing on them is exact and 10x faster on a CPU
-    after = evaluate(cfg, model, dm, run_dir, use_images=not dm.serves_features)
+    after = evaluate(cfg, model, dm, run_dir)
     result = {
         "run_dir": str(run_dir), "backbone": cfg.model.backbone, "hardware": hardware(),
         "counts": {s: {cfg.data.class_names[k]: v for k, v in c.items()} for s, c in class_counts(records).items()},
