@@ -164,9 +164,10 @@ def _validate(cfg: Config) -> None:
 
 # ---- the parsers ---------------------------------------------------------------------------
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
-TOP_LEVEL = {"output_dir": (str, "runs", "the folder under which every run gets its own folder"),
-             "run_name": (str, "", "the run's folder name ('' = a timestamp); --resume needs it"),
-             "seed": (int, 42, "seed of everything (weights init, augmentation, loaders)")}
+# the keys outside the sections (types and defaults: the Config dataclass's own fields)
+TOP_LEVEL = {"output_dir": "the folder under which every run gets its own folder",
+             "run_name": "the run's folder name ('' = a timestamp); --resume needs it",
+             "seed": "seed of everything (weights init, augmentation, loaders)"}
 # lightning.Trainer's argument names (lightning==2.6.6, a test keeps this equal to the installed
 # signature): a misspelt trainer key is named at once, without importing Lightning for it
 TRAINER_ARGS = (
@@ -199,8 +200,9 @@ def sections_parser():
     for name, cls in SECTIONS.items():
         p.add_argument(f"--{name}", type=cls, default=cls(), help=(cls.__doc__ or "").strip())
     p.add_argument("--trainer", type=dict, default={}, help="lightning.Trainer arguments (see trainer_parser)")
-    for name, (tp, default, text) in TOP_LEVEL.items():
-        p.add_argument(f"--{name}", type=tp, default=default, help=text)
+    fields, hints = {f.name: f for f in dataclasses.fields(Config)}, typing.get_type_hints(Config)
+    for name, text in TOP_LEVEL.items():
+        p.add_argument(f"--{name}", type=hints[name], default=fields[name].default, help=text)
     return p
 
 

@@ -553,7 +553,7 @@ def check_trainable(records: list[Record], class_names: list[str], need_test: bo
     """Refuse, before any training, data that cannot make an honest model: every split needs
     both classes (what is left after bad files and label conflicts are removed)."""
     counts = class_counts(records)
-    needed = ("train", "val", "test") if need_test else ("train", "val")
+    needed = SPLITS if need_test else SPLITS[:2]
     short = [s for s in needed if any(counts.get(s, {}).get(k, 0) == 0 for k in range(len(class_names)))]
     if short:
         have = "; ".join(f"{s}: " + ", ".join(f"{counts.get(s, {}).get(k, 0)} {n}" for k, n in enumerate(class_names))
@@ -568,7 +568,7 @@ def split_summary(records: list[Record], class_names: list[str]) -> str:
     counts = class_counts(records)
     parts = [f"{s} {sum(counts[s].values())} (" + " / ".join(f"{counts[s].get(k, 0)} {n}"
                                                           for k, n in enumerate(class_names)) + ")"
-             for s in ("train", "val", "test") if s in counts]
+             for s in SPLITS if s in counts]
     return "split: " + ", ".join(parts)
 
 
@@ -581,7 +581,7 @@ def class_counts(records: list[Record]) -> dict[str, dict[int, int]]:
 
 
 __all__ = [
-    "CrackDataModule", "DataError", "ImageDataset", "Record", "TensorItems", "Batch", "Batches", "compute_features", "build_split",
-    "check_no_leak", "check_trainable", "class_counts", "label_conflicts", "list_images", "make_loader",
+    "Batch", "Batches", "CrackDataModule", "DataError", "ImageDataset", "Record", "TensorItems", "build_split",
+    "compute_features", "check_no_leak", "check_trainable", "class_counts", "label_conflicts", "list_images", "make_loader",
     "read_split_csv", "scan", "scan_sources", "split_records", "split_summary", "subsample", "write_split_csv",
 ]

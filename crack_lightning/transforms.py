@@ -116,7 +116,12 @@ class SiteArtifacts(A.ImageOnlyTransform):
         return {"joint": _joint, "edge": _edge, "stain": _stain}[kind](img, rng)
 
 
-def _line_mask(shape: tuple[int, int], rng: np.random.Generator, width: float) -> np.ndarray:
+def _scaled(img: np.ndarray, gain: np.ndarray) -> np.ndarray:
+    """``img`` with every pixel's brightness multiplied by the ``(H,W)`` ``gain`` map."""
+    return np.clip(img * gain[..., None], 0, 255).astype(np.uint8)
+
+
+def _line_distance(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
     """Signed distance (px) to a random straight line across the tile, mostly near an axis."""
     h, w = shape
     angle = rng.choice((0.0, np.pi / 2)) + rng.normal(0, 0.08) if rng.random() < 0.8 else rng.uniform(0, np.pi)
@@ -128,18 +133,18 @@ def _line_mask(shape: tuple[int, int], rng: np.random.Generator, width: float) -
 def _joint(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     h, w = img.shape[:2]
     half = rng.uniform(0.5, 3.5) * max(h, w) / 224
-    d = _line_mask((h, w), rng, half)
+    d = _line_distance((h, w), rng)
     groove = np.clip(1 - np.abs(d) / half, 0, 1)  # 1 on the joint's axis, 0 beyond its half width
     lit = np.clip(1 - np.abs(d - 1.5 * half) / half, 0, 1) * rng.uniform(0, 0.25)
     gain = 1 - groove * rng.uniform(0.25, 0.6) + lit
-    return np.clip(img * gain[..., None], 0, 255).astype(np.uint8)
+    return _scaled(img, gain)
 
 
 def _edge(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    d = _line_mask(img.shape[:2], rng, 1.0)
+    d = _line_distance(img.shape[:2], rng)
     step = 1 / (1 + np.exp(-d / rng.uniform(0.5, 2.0)))  # a soft step, not a line
     gain = 1 + (rng.uniform(0.6, 1.35) - 1) * step
-    return np.clip(img * gain[..., None], 0, 255).astype(np.uint8)
+    return _scaled(img, gain)
 
 
 def _stain(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -151,7 +156,7 @@ def _stain(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         cv2.ellipse(blob, center, axes, float(rng.uniform(0, 180)), 0, 360, 1.0, -1)
     blob = cv2.GaussianBlur(blob, (0, 0), sigmaX=max(h, w) * rng.uniform(0.03, 0.08))
     gain = 1 + (rng.uniform(0.55, 1.3) - 1) * np.clip(blob, 0, 1)
-    return np.clip(img * gain[..., None], 0, 255).astype(np.uint8)
+    return _scaled(img, gain)
 
 
 def train_transform(pre: Preprocessing, level: str = "light", normalize: bool = True) -> A.Compose:
