@@ -87,6 +87,7 @@ class TrainConfig:
     monitor: Literal["val_loss", "val_f1", "val_acc"] = "val_loss"
     threshold_rule: Literal["f1", "fpr", "fixed"] = "f1"  # how the decision threshold is chosen on validation
     target_fpr: float = 0.001  # threshold_rule fpr: lowest threshold with validation false-positive rate <= this
+    interpolate: float = 1.0  # share of the fine-tuned weights kept; the rest from where fine-tuning started (WiSE-FT)
 
 
 @dataclass
@@ -158,6 +159,9 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"train.target_fpr: must be in [0, 1), got {cfg.train.target_fpr}")
     if cfg.trainer is not None and (cfg.trainer.max_epochs or 0) < 0:
         raise ConfigError(f"trainer.max_epochs: must be >= 0 (or null: the stages' own epochs), got {cfg.trainer.max_epochs}")
+    if not 0.0 <= cfg.train.interpolate <= 1.0:
+        raise ConfigError(f"train.interpolate: must be in [0, 1] (1 = the fine-tuned weights as they are), "
+                          f"got {cfg.train.interpolate}")
     if not 0.0 <= cfg.train.label_smoothing < 0.5:
         raise ConfigError(f"train.label_smoothing: must be in [0, 0.5), got {cfg.train.label_smoothing}")
 

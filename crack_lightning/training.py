@@ -4,7 +4,8 @@
 2. scan + split the data without duplicate leaks (``split.csv``),
 3. evaluate on validation and test BEFORE training (the baseline),
 4. stage ``frozen``: backbone frozen, head trained (optionally on cached features),
-5. stage ``finetune``: backbone unfrozen at a lower learning rate (if epochs > 0),
+5. stage ``finetune``: backbone unfrozen at a lower learning rate (if epochs > 0), its
+   result optionally averaged with where it started (``train.interpolate``, WiSE-FT),
 6. test the best checkpoint; write ``metrics.json``, ``test_predictions.csv``,
    ``model.pt`` (slim release checkpoint) and the model summary.
 
@@ -40,6 +41,7 @@ from .console import ProgressBar, quiet_lightning
 from .data import CrackDataModule, Record, class_counts
 from .io import atomic_write, csv_path, csv_text, path_text, write_json, write_text
 from .model import CrackClassifier
+from .weights import interpolate
 
 RUN_NAME_ENV = "CRACK_LIGHTNING_RUN_NAME"  # shared by all DDP processes of one run
 
@@ -458,24 +460,37 @@ def _train(cfg: Config, run_dir: Path, resume: bool, start: float) -> dict:
         if getattr(cfg.train, stage).epochs > 0 and (budget is None or budget > 0):
             if stage == "finetune":
                 dm.serve_images()  # the backbone will change: cached features would no longer describe it
+                start_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
             stages[stage] = run_stage(cfg, model, dm, run_dir, stage, resume, budget)
             if budget is not None:
                 budget -= stages[stage]["epochs_run"]
-    # with a frozen backbone the cached features ARE the backbone's output on the eval-transformed
-    # images (same decode, same transform), so testing on them is exact and 10x faster on a CPU
-    after = evaluate(cfg, model, dm, run_dir)
+    if "finetune" in stages and cfg.train.interpolate < 1.0:
+        # WiSE-FT: part of the way back to where fine-tuning started keeps what the start knew
+        model.load_state_dict(interpolate(start_weights, model.state_dict(), cfg.train.interpolate))
     result = {
         "run_dir": str(run_dir), "backbone": cfg.model.backbone, "hardware": hardware(),
         "counts": {s: {cfg.data.class_names[k]: v for k, v in c.items()} for s, c in class_counts(records).items()},
-        "before": before, "after": after, "stages": stages, "threshold": float(model.threshold),
-        "wall_time_s": round(time.time() - start, 1),
+        "before": before, "stages": stages, "interpolate": cfg.train.interpolate,
     }
+    result = finish(cfg, model, dm, run_dir, result)
+    result["wall_time_s"] = round(time.time() - start, 1)
+    if is_global_zero():
+        write_json(run_dir / "metrics.json", result)
+        features_file.unlink(missing_ok=True)  # only the workers of this run needed it
+    return result
+
+
+def finish(cfg: Config, model: CrackClassifier, dm: CrackDataModule, run_dir: Path, result: dict) -> dict:
+    """The end of every run: evaluate the final weights (validation chooses the threshold), write
+    ``test_predictions.csv`` and the release ``model.pt``; ``result`` gains ``after`` and ``threshold``."""
+    # with a frozen backbone the cached features ARE the backbone's output on the eval-transformed
+    # images (same decode, same transform), so testing on them is exact and 10x faster on a CPU
+    after = evaluate(cfg, model, dm, run_dir)
+    result.update(after=after, threshold=float(model.threshold))
     if is_global_zero():
         if "test" in after:
             write_predictions(run_dir / "test_predictions.csv", dm.split("test"), model.last_results["test"],
                               cfg.data.class_names)
         save_release(model, run_dir / "model.pt", metrics={"test": after.get("test"), "val": after.get("val")})
-        write_json(run_dir / "metrics.json", result)
-        features_file.unlink(missing_ok=True)  # only the workers of this run needed it
     return result
 

@@ -231,3 +231,20 @@ def _check_hub(arch: str) -> None:
             hf.HF_HUB_OFFLINE = True  # use the cached file; asking the hub would only retry for a minute
             return
         raise _hub_error(arch, f"{endpoint} cannot be reached and they are not in the local cache")
+
+
+def interpolate(start: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """``(1 - alpha) * start + alpha * tuned``, tensor by tensor (WiSE-FT, Wortsman et al. 2022).
+
+    Fine-tuning on a few new sites moves the weights away from what the start model knew; the
+    average of the two ends keeps much of both (measured in docs/field.md). Both must be the same
+    architecture and fine-tuning must have started from ``start`` (one loss basin): averaging
+    two unrelated models does not work. Integer tensors (BatchNorm's batch counters) and the
+    decision threshold come from ``tuned`` (the threshold is chosen again on validation).
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if start.keys() != tuned.keys() or any(start[k].shape != tuned[k].shape for k in tuned):
+        raise WeightsError("cannot interpolate two models of different architectures")
+    return {k: torch.lerp(start[k].to(v.dtype), v, alpha) if v.is_floating_point() and k != "threshold" else v.clone()
+            for k, v in tuned.items()}

@@ -95,3 +95,33 @@ def test_bench_compile_compares_eager_compiled_and_onnxruntime(tmp_path):
     assert abs(compiled["speedup_vs_eager"] - compiled["images_per_s"] / eager["images_per_s"]) < 0.01
     assert (compiled["break_even_images"] is None) == (compiled["images_per_s"] <= eager["images_per_s"])
     assert "| inference, compiled |" in out.with_suffix(".md").read_text()
+
+
+def test_interpolate_tool_mixes_a_finished_run_and_rechooses_its_threshold(trained_run, tmp_path):
+    """tools/interpolate.py: a finished run averaged with its start, re-thresholded on its own
+    validation split, written as a run folder that predict.py and bench/loso.py take."""
+    import torch
+
+    from crack_lightning.checkpoint import load_model, save_release
+
+    first = load_model(trained_run / "model.pt")  # a start that differs from the run: its head halved
+    first.head[1].weight.data.mul_(0.5)
+    start = tmp_path / "start.pt"
+    save_release(first, start, half=False)
+    out = tmp_path / "wise"
+    res = run_cli("tools/interpolate.py", "--start", start, "--tuned", trained_run, "--alpha", "0.25",
+                  "--output", out, "--num-workers", "0")
+    assert res.returncode == 0, res.stderr[-2000:]
+    a = torch.load(start, weights_only=True)["state_dict"]
+    b = torch.load(trained_run / "model.pt", weights_only=True)["state_dict"]
+    mixed = torch.load(out / "model.pt", weights_only=True)
+    assert not torch.allclose(a["head.1.weight"], b["head.1.weight"].float())
+    assert torch.allclose(mixed["state_dict"]["head.1.weight"].float(),
+                          0.75 * a["head.1.weight"] + 0.25 * b["head.1.weight"].float(), atol=2e-3)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["interpolate"] == 0.25 and metrics["threshold"] == mixed["threshold"]
+    assert metrics["after"]["test"]["n"] == 40 and (out / "test_predictions.csv").is_file()
+    pred = run_cli("predict.py", SAMPLE / "Positive", "--checkpoint", out / "model.pt", "--output", tmp_path / "p.csv")
+    assert pred.returncode in (0, 1) and (tmp_path / "p.csv").is_file()
+    again = run_cli("tools/interpolate.py", "--start", start, "--tuned", trained_run, "--output", out)
+    assert again.returncode == 2 and "exists" in again.stderr

@@ -73,6 +73,32 @@ def test_frozen_then_finetune_changes_backbone(tmp_path):
         assert all(e["train_s"] > 0 and e["images_per_s"] > 0 for e in stage["epoch_times"])
 
 
+def test_interpolate_averages_the_fine_tuned_weights_with_where_fine_tuning_started(tmp_path):
+    """train.interpolate 0.5 (WiSE-FT): the released weights are the mean of the frozen stage's best
+    (where fine-tuning started) and the fine-tuned best, and the threshold is chosen again on them."""
+    data = make_folder(tmp_path / "data", n_per_class=8)
+    res = run_cli("train.py", "--config", "configs/quickstart.yaml", "--data.root", str(data), "--output_dir",
+                  str(tmp_path / "runs"), "--run_name", "wise", "--train.frozen.epochs", "1",
+                  "--train.finetune.epochs", "1", "--train.interpolate", "0.5", *TINY)
+    assert res.returncode == 0, res.stderr[-2000:]
+    run = tmp_path / "runs" / "wise"
+    start = torch.load(run / "checkpoints/frozen/best.ckpt", weights_only=True)["state_dict"]
+    tuned = torch.load(run / "checkpoints/finetune/best.ckpt", weights_only=True)["state_dict"]
+    released = torch.load(run / "model.pt", weights_only=True)
+    key = "backbone.conv_stem.weight"
+    assert not torch.equal(start[key], tuned[key])
+    for k in (key, "backbone.bn1.running_mean", "head.1.weight"):
+        assert torch.allclose(released["state_dict"][k].float(), (start[k] + tuned[k]) / 2, atol=2e-3), k
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["interpolate"] == 0.5
+    assert metrics["after"]["val"]["threshold"] == metrics["threshold"] == pytest.approx(released["threshold"])
+    from crack_lightning.config import load_config
+
+    assert load_config(run / "config.yaml").train.interpolate == 0.5  # written with the run
+    bad = run_cli("train.py", "--config", "configs/quickstart.yaml", "--train.interpolate", "1.5")
+    assert bad.returncode == 2 and "train.interpolate: must be in [0, 1]" in bad.stderr
+
+
 def test_every_trainer_argument_reaches_the_trainer(tmp_path):
     """trainer.* is lightning.Trainer's own signature: clipping, accumulation and the rest arrive as
     given; the recipe keeps its callbacks, checkpoint I/O and history logger; a wrong one is named."""

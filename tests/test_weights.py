@@ -84,3 +84,19 @@ def test_backbone_from_a_crack_lightning_checkpoint(tmp_path):
     save_release(trained, tmp_path / "m.pt", half=False)
     fresh = CrackClassifier(pretrained="none", weights_file=str(tmp_path / "m.pt"), image_size=32)
     assert all(torch.equal(v, trained.backbone.state_dict()[k]) for k, v in fresh.backbone.state_dict().items())
+
+
+def test_interpolate_mixes_float_tensors_and_keeps_counters():
+    from crack_lightning.weights import interpolate
+
+    start = {"w": torch.zeros(3), "bn.num_batches_tracked": torch.tensor(5), "threshold": torch.tensor(0.2)}
+    tuned = {"w": torch.tensor([2.0, 4.0, 8.0]), "bn.num_batches_tracked": torch.tensor(9), "threshold": torch.tensor(0.7)}
+    mixed = interpolate(start, tuned, 0.25)
+    assert torch.allclose(mixed["w"], torch.tensor([0.5, 1.0, 2.0]))
+    assert int(mixed["bn.num_batches_tracked"]) == 9 and float(mixed["threshold"]) == pytest.approx(0.7)
+    assert torch.equal(interpolate(start, tuned, 1.0)["w"], tuned["w"])
+    assert torch.equal(interpolate(start, tuned, 0.0)["w"], start["w"])
+    with pytest.raises(WeightsError, match="different architectures"):
+        interpolate({"w": torch.zeros(2)}, tuned, 0.5)
+    with pytest.raises(ValueError):
+        interpolate(start, tuned, 1.5)

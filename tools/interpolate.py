@@ -1,0 +1,91 @@
+#!/usr/bin/env python
+"""Average a finished fine-tuning run with the model it started from (WiSE-FT), after the fact.
+
+    python tools/interpolate.py --start START.pt --tuned runs/RUN --alpha 0.5 --output runs/RUN_wise
+
+What ``train.interpolate`` does at the end of a run, for a run that is already over (trained on a
+lent GPU, say): the weights ``(1 - alpha) * start + alpha * tuned``, the decision threshold chosen
+again on the tuned run's validation split, the test split scored; writes a run folder (``model.pt``,
+``metrics.json``, ``test_predictions.csv``, ``config.yaml``, ``split.csv``) that ``bench/loso.py
+--runs`` and ``predict.py --checkpoint`` take. ``--start`` must be where that fine-tuning started
+(the end of its frozen stage, or the model it was started from): averaging unrelated models fails.
+``--path-map OLD=NEW`` rewrites the beginning of the split's paths (a run made on another machine).
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from crack_lightning.errors import UserError  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--start", required=True, help="the model the fine-tuning started from (.pt/.ckpt)")
+    ap.add_argument("--tuned", required=True, help="the finished run folder (model.pt, config.yaml, split.csv)")
+    ap.add_argument("--alpha", type=float, default=0.5, help="share of the fine-tuned weights (default 0.5)")
+    ap.add_argument("--output", required=True, help="the new run folder (must not exist)")
+    ap.add_argument("--path-map", nargs="*", default=[], metavar="OLD=NEW")
+    ap.add_argument("--num-workers", type=int, default=2)
+    args = ap.parse_args(argv)
+    try:
+        return run(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    from crack_lightning.checkpoint import load_model
+    from crack_lightning.config import ConfigError, dump_yaml, load_config
+    from crack_lightning.console import quiet_lightning
+    from crack_lightning.data import CrackDataModule, class_counts, read_split_csv, write_split_csv
+    from crack_lightning.io import write_json, write_text
+    from crack_lightning.training import finish
+    from crack_lightning.weights import interpolate
+
+    tuned_dir, out = Path(args.tuned), Path(args.output)
+    if out.exists():
+        raise ConfigError(f"{out} exists: choose a new --output folder")
+    if not (tuned_dir / "split.csv").is_file():
+        raise ConfigError(f"{tuned_dir} is not a finished run folder (no split.csv)")
+    if not 0.0 <= args.alpha <= 1.0:
+        raise ConfigError(f"--alpha must be in [0, 1], got {args.alpha}")
+    maps = [kv.split("=", 1) for kv in args.path_map]
+    if any(len(m) != 2 for m in maps):
+        raise ConfigError("--path-map takes OLD=NEW pairs")
+    quiet_lightning()
+    cfg = load_config(tuned_dir / "config.yaml", [
+        ("output_dir", str(out.parent)), ("run_name", out.name), ("train.interpolate", str(args.alpha)),
+        ("trainer.precision", "32-true"), ("data.num_workers", str(args.num_workers))])
+    start, model = load_model(args.start), load_model(tuned_dir / "model.pt")
+    model.load_state_dict(interpolate(start.state_dict(), model.state_dict(), args.alpha))
+    records = read_split_csv(tuned_dir / "split.csv")
+    for r in records:
+        for old, new in maps:
+            if r.path.startswith(old):
+                r.path = new + r.path[len(old):]
+                break
+    out.mkdir(parents=True)
+    write_text(out / "config.yaml", dump_yaml(cfg))
+    write_split_csv(records, out / "split.csv", cfg.data.class_names)
+    if (tuned_dir / "train_wall_s.txt").is_file():  # the training it took, for bench/loso.py
+        shutil.copy(tuned_dir / "train_wall_s.txt", out / "train_wall_s.txt")
+    dm = CrackDataModule(cfg.data, records=records, pre=model.pre, run_dir=out)
+    dm.setup("test")
+    result = {"run_dir": str(out), "start": str(args.start), "tuned": str(tuned_dir), "interpolate": args.alpha,
+              "counts": {s: {cfg.data.class_names[k]: v for k, v in c.items()} for s, c in class_counts(records).items()}}
+    result = finish(cfg, model, dm, out, result)
+    write_json(out / "metrics.json", result)
+    m = result["after"]
+    print(f"alpha {args.alpha}: threshold {result['threshold']:.3f}, val F1 {m['val']['f1']:.4f}"
+          + (f", test acc {m['test']['acc']:.4f}" if "test" in m else "") + f" -> {out / 'model.pt'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
