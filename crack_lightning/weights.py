@@ -237,7 +237,8 @@ def interpolate(start: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], 
     """``(1 - alpha) * start + alpha * tuned``, tensor by tensor (WiSE-FT, Wortsman et al. 2022).
 
     Fine-tuning on a few new sites moves the weights away from what the start model knew; the
-    average of the two ends keeps much of both (measured in docs/field.md). Both must be the same
+    average of the two ends gives back some of the new sites' gains for some of what the start
+    knew (the trade is measured in docs/field.md). Both must be the same
     architecture and fine-tuning must have started from ``start`` (one loss basin): averaging
     two unrelated models does not work. Integer tensors (BatchNorm's batch counters) and the
     decision threshold come from ``tuned`` (the threshold is chosen again on validation).

@@ -125,3 +125,6 @@ def test_interpolate_tool_mixes_a_finished_run_and_rechooses_its_threshold(train
     assert pred.returncode in (0, 1) and (tmp_path / "p.csv").is_file()
     again = run_cli("tools/interpolate.py", "--start", start, "--tuned", trained_run, "--output", out)
     assert again.returncode == 2 and "exists" in again.stderr
+    moved = run_cli("tools/interpolate.py", "--start", start, "--tuned", trained_run, "--output", tmp_path / "w2",
+                    "--path-map", f"{SAMPLE}=/nowhere")
+    assert moved.returncode == 2 and "--path-map" in moved.stderr and not (tmp_path / "w2").exists()

@@ -73,9 +73,10 @@ def test_frozen_then_finetune_changes_backbone(tmp_path):
         assert all(e["train_s"] > 0 and e["images_per_s"] > 0 for e in stage["epoch_times"])
 
 
-def test_interpolate_averages_the_fine_tuned_weights_with_where_fine_tuning_started(tmp_path):
-    """train.interpolate 0.5 (WiSE-FT): the released weights are the mean of the frozen stage's best
-    (where fine-tuning started) and the fine-tuned best, and the threshold is chosen again on them."""
+def test_interpolate_averages_the_fine_tuned_weights_with_where_fine_tuning_started(tmp_path, trained_run):
+    """train.interpolate 0.5 (WiSE-FT): the released weights are the mean of where fine-tuning
+    started and the fine-tuned best, and the threshold is chosen again on them. Where it started:
+    the frozen stage's best (ImageNet or random start), or the whole classifier the run started from."""
     data = make_folder(tmp_path / "data", n_per_class=8)
     res = run_cli("train.py", "--config", "configs/quickstart.yaml", "--data.root", str(data), "--output_dir",
                   str(tmp_path / "runs"), "--run_name", "wise", "--train.frozen.epochs", "1",
@@ -95,6 +96,19 @@ def test_interpolate_averages_the_fine_tuned_weights_with_where_fine_tuning_star
     from crack_lightning.config import load_config
 
     assert load_config(run / "config.yaml").train.interpolate == 0.5  # written with the run
+    res = run_cli("train.py", "--config", "configs/quickstart.yaml", "--data.root", str(data), "--output_dir",
+                  str(tmp_path / "runs"), "--run_name", "wise2", "--train.frozen.epochs", "1",
+                  "--train.finetune.epochs", "1", "--train.interpolate", "0.5", *TINY,
+                  "--model.weights_file", str(trained_run / "model.pt"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    run = tmp_path / "runs" / "wise2"
+    start = torch.load(trained_run / "model.pt", weights_only=True)["state_dict"]  # its head too
+    frozen = torch.load(run / "checkpoints/frozen/best.ckpt", weights_only=True)["state_dict"]
+    tuned = torch.load(run / "checkpoints/finetune/best.ckpt", weights_only=True)["state_dict"]
+    released = torch.load(run / "model.pt", weights_only=True)["state_dict"]
+    assert not torch.allclose(start["head.1.weight"].float(), frozen["head.1.weight"], atol=1e-2)
+    for k in (key, "head.1.weight"):
+        assert torch.allclose(released[k].float(), (start[k].float() + tuned[k]) / 2, atol=2e-3), k
     bad = run_cli("train.py", "--config", "configs/quickstart.yaml", "--train.interpolate", "1.5")
     assert bad.returncode == 2 and "train.interpolate: must be in [0, 1]" in bad.stderr
 

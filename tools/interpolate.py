@@ -70,6 +70,10 @@ def run(args: argparse.Namespace) -> int:
             if r.path.startswith(old):
                 r.path = new + r.path[len(old):]
                 break
+    missing = sorted({r.path for r in records if r.split in ("val", "test") and not Path(r.path).is_file()})
+    if missing:
+        raise ConfigError(f"{len(missing)} image(s) of the split are not here (e.g. {missing[0]}): a run made on "
+                          "another machine needs --path-map OLD=NEW")
     out.mkdir(parents=True)
     write_text(out / "config.yaml", dump_yaml(cfg))
     write_split_csv(records, out / "split.csv", cfg.data.class_names)
