@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from crack_lightning.config import DataConfig
@@ -179,3 +180,27 @@ def test_leave_one_source_out_command(tmp_path):
     assert 0 <= t["f1"] <= 1 and r["mendeley_test_n"] > 0 and 0 <= r["masonry_recall"] <= 1
     assert r["localize"]["n"] > 0 and (tmp_path / "heat.png").stat().st_size > 0
     assert "| pavement |" in out.with_suffix(".md").read_text()
+
+
+def test_site_calibration_sets_the_threshold_above_the_shown_crack_free_photos(monkeypatch):
+    """bench/loso.py's site calibration: the threshold just above every tile of the k crack-free photos
+    shown; false alarms counted on the photos not shown, scores on the crack tiles."""
+    import importlib.util
+
+    from conftest import ROOT
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))  # where the script finds its harness
+    spec = importlib.util.spec_from_file_location("loso", ROOT / "bench" / "loso.py")
+    loso = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loso)
+    walls = torch.tensor([0.5, 0.1, 0.5, 0.2, 0.5, 0.3])  # three photos, each with a tile at 0.5
+    photos = ["a", "a", "b", "b", "c", "c"]
+    probs, labels = torch.tensor([0.9, 0.4, 0.6]), torch.tensor([1.0, 1.0, 0.0])
+    (c,) = loso.site_calibration(walls, photos, probs, labels, counts=(2,), draws=4)
+    # whichever two are shown, the threshold is just above 0.5: no alarm on the third; 0.9 and 0.6 flagged
+    assert c["false_alarms"] == c["false_alarms_worst"] == 0.0
+    assert (c["precision"], c["recall"], c["f1"]) == (0.5, 0.5, 0.5)
+    walls[0] = 0.95  # photo a now has a tile that looks cracked
+    (c,) = loso.site_calibration(walls, photos, probs, labels, counts=(1,), draws=20)
+    # shown b or c: one alarm (a's 0.95 tile) among the 4 tiles of the two photos not shown; shown a: none
+    assert 0.0 < c["false_alarms"] < c["false_alarms_worst"] == 0.25
