@@ -35,6 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from harness import OUT_HELP, hardware, out_path  # noqa: E402
+from crack_lightning.calibrate import site_threshold  # noqa: E402
 from crack_lightning.config import load_config  # noqa: E402
 from crack_lightning.data import list_images  # noqa: E402
 from crack_lightning.io import write_results  # noqa: E402
@@ -77,11 +78,11 @@ def tile_probabilities(predictor: Predictor, roots: list[Path]) -> tuple[torch.T
 
 
 def site_calibration(walls: torch.Tensor, photos: list[str], probs: torch.Tensor, labels: torch.Tensor,
-                     counts: tuple[int, ...] = (5, 10, 20), draws: int = 50) -> list[dict]:
-    """What a user gets who photographs ``k`` crack-free spots of the new site and sets the threshold
-    just above every tile of them (``predict.py --threshold``): the false alarms on the site's other
-    crack-free photos, and precision/recall/F1 on the held-out crack photos; means over ``draws``
-    seeded draws of ``k`` photos. No training: the same model, a threshold of the site's own."""
+                     stored: float = 0.0, counts: tuple[int, ...] = (5, 10, 20), draws: int = 50) -> list[dict]:
+    """What a user gets who photographs ``k`` crack-free spots of the new site and calibrates on them
+    (``predict.py PHOTOS --calibrate-site``: the threshold just above every tile of them, never below
+    the ``stored`` one): the false alarms on the site's other crack-free photos, and precision/recall/F1
+    on the held-out crack photos; means over ``draws`` seeded draws of ``k`` photos. No training."""
     names = sorted(set(photos))
     out = []
     for k in counts:
@@ -89,7 +90,7 @@ def site_calibration(walls: torch.Tensor, photos: list[str], probs: torch.Tensor
         for draw in range(draws):
             chosen = set(random.Random(draw).sample(names, k))
             mask = torch.tensor([p in chosen for p in photos])
-            thr = float(walls[mask].max()) + 1e-6
+            thr = site_threshold(walls[mask].tolist(), stored)
             m = binary_metrics(probs, labels, thr)
             rows.append((float((walls[~mask] >= thr).float().mean()), m["precision"], m["recall"], m["f1"]))
         mean = [sum(col) / draws for col in zip(*rows)]
@@ -204,7 +205,7 @@ def main() -> int:
                 rate = round(float((p0 >= thr).float().mean()), 4)
                 row["false_alarms_crack_free_walls"] = {"n": len(p0), "rate": rate}
                 if crack_roots:
-                    row["site_calibration"] = site_calibration(p0, photos, probs, labels)
+                    row["site_calibration"] = site_calibration(p0, photos, probs, labels, thr)
             with open(Path(run["run_dir"]) / "test_predictions.csv", encoding="utf-8") as f:
                 mtest = [r for r in csv.DictReader(f) if r["source"] == "mendeley"]
             row["mendeley_test_acc"] = round(sum(int(r["correct"]) for r in mtest) / max(1, len(mtest)), 4)

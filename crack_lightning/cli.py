@@ -147,6 +147,9 @@ def predict_parser():
     p.add_argument("--workers", type=int, default=-1,
                    help="decode worker processes (default: 1 on a CPU; on a GPU, cores - 1 up to 16)")
     p.add_argument("--threshold", type=float, default=None, help="override the threshold stored in the checkpoint")
+    p.add_argument("--calibrate-site", default=None, metavar="OUT.pt",
+                   help="the INPUTs are photos of one site that show NO crack: write OUT.pt, the model with its "
+                        "threshold just above every one of them (with --localize: above every tile), then exit")
     dist = p.add_argument_group("spread over processes, GPUs and nodes (Lightning DDP; one CSV, in input order)")
     dist.add_argument("--accelerator", default=None, choices=["cpu", "gpu", "cuda", "auto"],
                       help="run Lightning's Trainer.predict on this accelerator (instead of --device)")
@@ -217,6 +220,13 @@ def predict_main(argv: list[str]) -> int:
     if args.tile < 32 or args.stride < 0:
         raise ConfigError("--tile must be >= 32 and --stride >= 0")
     paths = collect_inputs(inputs)
+    if args.calibrate_site:
+        from .calibrate import calibrate_site, is_release, report
+
+        target = check_output_file(args.calibrate_site, [*paths, *model_files], "--calibrate-site", ours=is_release)
+        report(calibrate_site(checkpoint, paths, target, localize=args.localize, tile=args.tile,
+                              stride=args.stride or None, device=args.device), target)
+        return 0
     per_photo = args.localize or args.explain
     out = Path(args.output or ("localization" if args.localize else "explanations" if args.explain
                                else "predictions.csv"))
