@@ -97,21 +97,24 @@ def test_bench_compile_compares_eager_compiled_and_onnxruntime(tmp_path):
     assert "| inference, compiled |" in out.with_suffix(".md").read_text()
 
 
-def test_interpolate_tool_mixes_a_finished_run_and_rechooses_its_threshold(trained_run, tmp_path):
+def test_interpolate_tool_mixes_a_finished_run_and_rechooses_its_threshold(trained_run, tmp_path, capsys):
     """tools/interpolate.py: a finished run averaged with its start, re-thresholded on its own
     validation split, written as a run folder that predict.py and bench/loso.py take."""
     import torch
 
     from crack_lightning.checkpoint import load_model, save_release
+    from conftest import run_main
 
+    spec = importlib.util.spec_from_file_location("interpolate_tool", ROOT / "tools" / "interpolate.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
     first = load_model(trained_run / "model.pt")  # a start that differs from the run: its head halved
     first.head[1].weight.data.mul_(0.5)
     start = tmp_path / "start.pt"
     save_release(first, start, half=False)
     out = tmp_path / "wise"
-    res = run_cli("tools/interpolate.py", "--start", start, "--tuned", trained_run, "--alpha", "0.25",
-                  "--output", out, "--num-workers", "0")
-    assert res.returncode == 0, res.stderr[-2000:]
+    args = ["--start", str(start), "--tuned", str(trained_run), "--num-workers", "0"]
+    assert tool.main([*args, "--alpha", "0.25", "--output", str(out)]) == 0
     a = torch.load(start, weights_only=True)["state_dict"]
     b = torch.load(trained_run / "model.pt", weights_only=True)["state_dict"]
     mixed = torch.load(out / "model.pt", weights_only=True)
@@ -121,10 +124,9 @@ def test_interpolate_tool_mixes_a_finished_run_and_rechooses_its_threshold(train
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["interpolate"] == 0.25 and metrics["threshold"] == mixed["threshold"]
     assert metrics["after"]["test"]["n"] == 40 and (out / "test_predictions.csv").is_file()
-    pred = run_cli("predict.py", SAMPLE / "Positive", "--checkpoint", out / "model.pt", "--output", tmp_path / "p.csv")
-    assert pred.returncode in (0, 1) and (tmp_path / "p.csv").is_file()
-    again = run_cli("tools/interpolate.py", "--start", start, "--tuned", trained_run, "--output", out)
-    assert again.returncode == 2 and "exists" in again.stderr
-    moved = run_cli("tools/interpolate.py", "--start", start, "--tuned", trained_run, "--output", tmp_path / "w2",
-                    "--path-map", f"{SAMPLE}=/nowhere")
-    assert moved.returncode == 2 and "--path-map" in moved.stderr and not (tmp_path / "w2").exists()
+    pred = run_main("predict.py", SAMPLE / "Positive", "--checkpoint", out / "model.pt", "--output", tmp_path / "p.csv")
+    assert pred.returncode == 0 and "100 image(s)" in pred.stdout
+    capsys.readouterr()
+    assert tool.main([*args, "--output", str(out)]) == 2 and "exists" in capsys.readouterr().err
+    assert tool.main([*args, "--output", str(tmp_path / "w2"), "--path-map", f"{SAMPLE}=/nowhere"]) == 2
+    assert "--path-map" in capsys.readouterr().err and not (tmp_path / "w2").exists()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from crack_lightning.data import check_no_leak, read_split_csv
-from conftest import ROOT, make_folder, run_cli
+from conftest import ROOT, make_folder, run_cli, run_main
 
 TINY = ["--model.pretrained", "none", "--model.image_size", "32", "--data.num_workers", "0",
         "--data.batch_size", "8", "--trainer.enable_progress_bar", "false", "--data.val_fraction", "0.25",
@@ -78,7 +78,7 @@ def test_interpolate_averages_the_fine_tuned_weights_with_where_fine_tuning_star
     started and the fine-tuned best, and the threshold is chosen again on them. Where it started:
     the frozen stage's best (ImageNet or random start), or the whole classifier the run started from."""
     data = make_folder(tmp_path / "data", n_per_class=8)
-    res = run_cli("train.py", "--config", "configs/quickstart.yaml", "--data.root", str(data), "--output_dir",
+    res = run_main("train.py", "--config", "configs/quickstart.yaml", "--data.root", str(data), "--output_dir",
                   str(tmp_path / "runs"), "--run_name", "wise", "--train.frozen.epochs", "1",
                   "--train.finetune.epochs", "1", "--train.interpolate", "0.5", *TINY)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -96,7 +96,7 @@ def test_interpolate_averages_the_fine_tuned_weights_with_where_fine_tuning_star
     from crack_lightning.config import load_config
 
     assert load_config(run / "config.yaml").train.interpolate == 0.5  # written with the run
-    res = run_cli("train.py", "--config", "configs/quickstart.yaml", "--data.root", str(data), "--output_dir",
+    res = run_main("train.py", "--config", "configs/quickstart.yaml", "--data.root", str(data), "--output_dir",
                   str(tmp_path / "runs"), "--run_name", "wise2", "--train.frozen.epochs", "1",
                   "--train.finetune.epochs", "1", "--train.interpolate", "0.5", *TINY,
                   "--model.weights_file", str(trained_run / "model.pt"))
@@ -109,7 +109,7 @@ def test_interpolate_averages_the_fine_tuned_weights_with_where_fine_tuning_star
     assert not torch.allclose(start["head.1.weight"].float(), frozen["head.1.weight"], atol=1e-2)
     for k in (key, "head.1.weight"):
         assert torch.allclose(released[k].float(), (start[k].float() + tuned[k]) / 2, atol=2e-3), k
-    bad = run_cli("train.py", "--config", "configs/quickstart.yaml", "--train.interpolate", "1.5")
+    bad = run_main("train.py", "--config", "configs/quickstart.yaml", "--train.interpolate", "1.5")
     assert bad.returncode == 2 and "train.interpolate: must be in [0, 1]" in bad.stderr
 
 
