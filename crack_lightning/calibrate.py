@@ -85,8 +85,9 @@ def report(info: dict, out: Path) -> None:
     if info["alarms_before"] == 0:
         print(f"threshold {info['threshold']:.3f} unchanged: it raises no alarm on {of} already -> {path_text(out)}")
         return
-    print(f"threshold {info['threshold_before']:.3f} -> {info['threshold']:.3f}: {info['alarms_before']} of {of} "
-          f"raised an alarm, none does now -> {path_text(out)}")
+    which = "had a tile that raised" if info["tiles"] else "raised"
+    print(f"threshold {info['threshold_before']:.3f} -> {info['threshold']:.3f}: {info['alarms_before']} of the "
+          f"{info['photos']} crack-free photos {which} an alarm, none does now -> {path_text(out)}")
     print("fewer cracks will be found too (docs/field.md, site calibration); use this model for this site: "
           f"predict.py PHOTOS --checkpoint {path_text(out)}", file=sys.stderr)
     if info["threshold"] >= HIGH:
