@@ -54,7 +54,7 @@ def calibrate_site(checkpoint: Path, paths: Sequence[Path], out: Path, *, locali
                    tile: int = 227, stride: int | None = None, device: str = "cpu") -> dict:
     """Write ``out``: the model of ``checkpoint`` with the threshold just above every crack-free
     photo in ``paths``. Returns what was done (also stored in the new file's metrics)."""
-    from .checkpoint import load_model, save_release
+    from .checkpoint import save_release
     from .errors import ConfigError
     from .predict import Predictor
 
@@ -68,7 +68,7 @@ def calibrate_site(checkpoint: Path, paths: Sequence[Path], out: Path, *, locali
     if threshold >= 1.0:
         raise InputError(f"{path_text(ranked[0][1])} scores {ranked[0][0]:.6f}: no threshold below 1 silences it. "
                          "Calibrate only on photos that show no crack")
-    model = load_model(checkpoint)
+    model = predictor.model  # the model already loaded to score the photos: only its threshold moves
     model.threshold.fill_(threshold)
     info = {"photos": len(scores), "tiles": localize, "threshold_before": round(before, 6),
             "threshold": round(threshold, 6), "alarms_before": sum(s >= before for s in scores),

@@ -443,7 +443,6 @@ def _train(cfg: Config, run_dir: Path, resume: bool, start: float) -> dict:
     if is_global_zero():  # DDP workers start later and read the split rank 0 wrote
         dm.prepare_data()
     dm.setup("fit")
-    records = dm.records
     if is_global_zero():
         write_text(run_dir / "config.yaml", dump_yaml(cfg))
         write_text(run_dir / "model_summary.txt", f"{ModelSummary(model, max_depth=2)}\n\n{model}\n")
@@ -471,7 +470,6 @@ def _train(cfg: Config, run_dir: Path, resume: bool, start: float) -> dict:
         model.load_state_dict(interpolate(start_weights, model.state_dict(), cfg.train.interpolate))
     result = {
         "run_dir": str(run_dir), "backbone": cfg.model.backbone, "hardware": hardware(),
-        "counts": {s: {cfg.data.class_names[k]: v for k, v in c.items()} for s, c in class_counts(records).items()},
         "before": before, "stages": stages, "interpolate": cfg.train.interpolate,
     }
     result = finish(cfg, model, dm, run_dir, result)
@@ -503,11 +501,13 @@ def started_from(cfg: Config, model: CrackClassifier) -> dict[str, torch.Tensor]
 
 def finish(cfg: Config, model: CrackClassifier, dm: CrackDataModule, run_dir: Path, result: dict) -> dict:
     """The end of every run: evaluate the final weights (validation chooses the threshold), write
-    ``test_predictions.csv`` and the release ``model.pt``; ``result`` gains ``after`` and ``threshold``."""
+    ``test_predictions.csv`` and the release ``model.pt``; ``result`` gains the split's ``counts``, ``after``
+    and ``threshold``."""
     # with a frozen backbone the cached features ARE the backbone's output on the eval-transformed
     # images (same decode, same transform), so testing on them is exact and 10x faster on a CPU
     after = evaluate(cfg, model, dm, run_dir)
-    result.update(after=after, threshold=float(model.threshold))
+    counts = {s: {cfg.data.class_names[k]: v for k, v in c.items()} for s, c in class_counts(dm.records).items()}
+    result.update(counts=counts, after=after, threshold=float(model.threshold))
     if is_global_zero():
         if "test" in after:
             write_predictions(run_dir / "test_predictions.csv", dm.split("test"), model.last_results["test"],

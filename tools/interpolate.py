@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from crack_lightning.checkpoint import load_model
     from crack_lightning.config import ConfigError, dump_yaml, load_config
     from crack_lightning.console import quiet_lightning
-    from crack_lightning.data import CrackDataModule, class_counts, read_split_csv, write_split_csv
+    from crack_lightning.data import CrackDataModule, read_split_csv, write_split_csv
     from crack_lightning.io import write_json, write_text
     from crack_lightning.training import finish
     from crack_lightning.weights import interpolate
@@ -81,8 +81,7 @@ def run(args: argparse.Namespace) -> int:
         shutil.copy(tuned_dir / "train_wall_s.txt", out / "train_wall_s.txt")
     dm = CrackDataModule(cfg.data, records=records, pre=model.pre, run_dir=out)
     dm.setup("test")
-    result = {"run_dir": str(out), "start": str(args.start), "tuned": str(tuned_dir), "interpolate": args.alpha,
-              "counts": {s: {cfg.data.class_names[k]: v for k, v in c.items()} for s, c in class_counts(records).items()}}
+    result = {"run_dir": str(out), "start": str(args.start), "tuned": str(tuned_dir), "interpolate": args.alpha}
     result = finish(cfg, model, dm, out, result)
     write_json(out / "metrics.json", result)
     m = result["after"]
