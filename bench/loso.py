@@ -78,11 +78,17 @@ def tile_probabilities(predictor: Predictor, roots: list[Path]) -> tuple[torch.T
 
 
 def site_calibration(walls: torch.Tensor, photos: list[str], probs: torch.Tensor, labels: torch.Tensor,
-                     stored: float = 0.0, counts: tuple[int, ...] = (5, 10, 20), draws: int = 50) -> list[dict]:
+                     stored: float = 0.0, counts: tuple[int, ...] = (5, 10, 20), draws: int = 50,
+                     refit=None) -> list[dict]:
     """What a user gets who photographs ``k`` crack-free spots of the new site and calibrates on them
-    (``predict.py PHOTOS --calibrate-site``: the threshold just above every tile of them, never below
-    the ``stored`` one): the false alarms on the site's other crack-free photos, and precision/recall/F1
-    on the held-out crack photos; means over ``draws`` seeded draws of ``k`` photos. No training."""
+    (``predict.py PHOTOS --calibrate-site``): the false alarms on the site's other crack-free photos, and
+    precision/recall/F1 on the held-out crack photos; means over ``draws`` seeded draws of ``k`` photos.
+    ``walls``/``probs`` are the scores of the wall and crack-photo tiles. Without ``refit`` the threshold
+    alone moves (just above every shown tile, never below ``stored``); with ``refit = (head, anchors,
+    walls_x, crack_x)`` (the linear head, the model's stored anchors, the tiles' features) the head is
+    first refitted on the anchors plus the shown tiles' features, as ``--calibrate-mode head`` does."""
+    from crack_lightning.calibrate import refit_linear
+
     names = sorted(set(photos))
     out = []
     for k in counts:
@@ -90,14 +96,47 @@ def site_calibration(walls: torch.Tensor, photos: list[str], probs: torch.Tensor
         for draw in range(draws):
             chosen = set(random.Random(draw).sample(names, k))
             mask = torch.tensor([p in chosen for p in photos])
-            thr = site_threshold(walls[mask].tolist(), stored)
-            m = binary_metrics(probs, labels, thr)
-            rows.append((float((walls[~mask] >= thr).float().mean()), m["precision"], m["recall"], m["f1"]))
+            w_scores, c_scores = walls, probs
+            if refit is not None:
+                head, anchors, walls_x, crack_x = refit
+                weight, bias = refit_linear(head.weight, head.bias, anchors["features"].float(),
+                                            anchors["labels"].float(), walls_x[mask])
+                w_scores = torch.sigmoid(walls_x @ weight.T + bias).squeeze(1)
+                c_scores = torch.sigmoid(crack_x @ weight.T + bias).squeeze(1)
+            thr = site_threshold(w_scores[mask].tolist(), stored)
+            m = binary_metrics(c_scores, labels, thr)
+            rows.append((float((w_scores[~mask] >= thr).float().mean()), m["precision"], m["recall"], m["f1"]))
         mean = [sum(col) / draws for col in zip(*rows)]
         out.append({"photos": k, "draws": draws, "false_alarms": round(mean[0], 4),
                     "false_alarms_worst": round(max(r[0] for r in rows), 4), "precision": round(mean[1], 4),
                     "recall": round(mean[2], 4), "f1": round(mean[3], 4)})
     return out
+
+
+@torch.inference_mode()
+def tile_features(model, roots: list[Path]) -> torch.Tensor:
+    """The head's input features of every evaluation tile of ``roots`` (PyTorch, as the refit reads them)."""
+    from crack_lightning.data import ImageDataset
+    from crack_lightning.transforms import eval_transform
+
+    records = [r for root in roots for r in scan_mask_root(root, EVAL_RULE)[0]]
+    ds = ImageDataset(records, eval_transform(model.pre))
+    model.eval()
+    return torch.cat([model.features(torch.stack([ds[i][0] for i in range(s, min(s + 64, len(ds)))])).float()
+                      for s in range(0, len(ds), 64)])
+
+
+def site_refit_inputs(predictor: Predictor, walls_root: Path, crack_roots: list[Path]):
+    """``site_calibration``'s ``refit`` for this model, or None where it stores no anchors (or the
+    head is not linear): the head and anchors of the model file, the features of every tile."""
+    from crack_lightning.calibrate import linear_head
+    from crack_lightning.checkpoint import load_model
+
+    model = load_model(predictor.checkpoint)
+    head, anchors = linear_head(model), model.meta.get("site_anchors")
+    if head is None or not anchors:
+        return None
+    return head, anchors, tile_features(model, [walls_root]), tile_features(model, crack_roots)
 
 
 def localize_scores(predictor: Predictor, roots: list[Path], docs_heatmap: str | None = None) -> dict:
@@ -206,6 +245,9 @@ def main() -> int:
                 row["false_alarms_crack_free_walls"] = {"n": len(p0), "rate": rate}
                 if crack_roots:
                     row["site_calibration"] = site_calibration(p0, photos, probs, labels, thr)
+                    refit = site_refit_inputs(predictor, field / "concrete_nocrack", crack_roots)
+                    if refit is not None:
+                        row["site_head_refit"] = site_calibration(p0, photos, probs, labels, thr, refit=refit)
             with open(Path(run["run_dir"]) / "test_predictions.csv", encoding="utf-8") as f:
                 mtest = [r for r in csv.DictReader(f) if r["source"] == "mendeley"]
             row["mendeley_test_acc"] = round(sum(int(r["correct"]) for r in mtest) / max(1, len(mtest)), 4)
@@ -249,15 +291,18 @@ def table(results: dict) -> str:
         md += ["", "predict.py --localize over the held-out photos (227 px tiles, 50 % overlap), tiles scored "
                    "against the masks:", "", "| held out | tiles (crack / no crack) | precision | recall | F1 |",
                "|---|---|---|---|---|", *localize_rows]
-    calibrated = [(fold, c) for fold, r in results["folds"].items() for c in r.get("site_calibration", [])]
+    calibrated = [(fold, mode, c) for fold, r in results["folds"].items()
+                  for key, mode in (("site_calibration", "threshold"), ("site_head_refit", "head"))
+                  for c in r.get(key, [])]
     if calibrated:
-        md += ["", "Site calibration: the threshold set just above every tile of k crack-free photos of the held-out "
-                   "walls (no training); false alarms on the other crack-free photos, scores on the held-out crack "
-                   "photos (means of the draws):", "",
-               "| held out | crack-free photos shown | false alarms (worst draw) | precision | recall | F1 |",
-               "|---|---|---|---|---|---|",
-               *(f"| {fold} | {c['photos']} | {c['false_alarms']:.1%} ({c['false_alarms_worst']:.1%}) | "
-                 f"{c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} |" for fold, c in calibrated)]
+        md += ["", "Site calibration from k crack-free photos of the held-out walls (`--calibrate-mode`): `threshold` "
+                   "sets the threshold just above every tile of them (no training); `head` first refits the linear "
+                   "head on them plus the model's stored training anchors, then does the same. False alarms on the "
+                   "other crack-free photos, scores on the held-out crack photos (means of the draws):", "",
+               "| held out | mode | crack-free photos shown | false alarms (worst draw) | precision | recall | F1 |",
+               "|---|---|---|---|---|---|---|",
+               *(f"| {fold} | {mode} | {c['photos']} | {c['false_alarms']:.1%} ({c['false_alarms_worst']:.1%}) | "
+                 f"{c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} |" for fold, mode, c in calibrated)]
     return "\n".join(md) + "\n"
 
 

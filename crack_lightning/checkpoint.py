@@ -104,12 +104,14 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> CrackCla
         )
     model.load_state_dict(sd)
     model.on_load_checkpoint(ckpt)  # the stored preprocessing
-    model.meta = {k: ckpt.get(k) for k in ("metrics", "format") if k in ckpt}
+    model.meta = {k: ckpt.get(k) for k in ("metrics", "format", "site_anchors") if k in ckpt}
     return model.eval().to(device)
 
 
-def save_release(model: CrackClassifier, path: str | Path, metrics: dict | None = None, half: bool = True) -> None:
-    """Write the slim release checkpoint (fp16 weights, hparams, threshold, preprocessing, metrics)."""
+def save_release(model: CrackClassifier, path: str | Path, metrics: dict | None = None, half: bool = True,
+                 anchors: dict | None = None) -> None:
+    """Write the slim release checkpoint (fp16 weights, hparams, threshold, preprocessing, metrics, and the
+    training anchors that ``--calibrate-site`` refits the head against: ``anchors``, else the model's own)."""
     from .io import atomic_write
 
     sd = {k: (v.half() if half and v.is_floating_point() and k != "threshold" else v).detach().cpu().clone()
@@ -127,5 +129,8 @@ def save_release(model: CrackClassifier, path: str | Path, metrics: dict | None 
         "threshold": float(model.threshold),
         "metrics": metrics or {},
     }
+    anchors = anchors if anchors is not None else (getattr(model, "meta", None) or {}).get("site_anchors")
+    if anchors:
+        obj["site_anchors"] = anchors
     with atomic_write(path, "wb") as f:
         torch.save(obj, f)

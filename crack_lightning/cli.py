@@ -148,8 +148,12 @@ def predict_parser():
                    help="decode worker processes (default: 1 on a CPU; on a GPU, cores - 1 up to 16)")
     p.add_argument("--threshold", type=float, default=None, help="override the threshold stored in the checkpoint")
     p.add_argument("--calibrate-site", default=None, metavar="OUT.pt",
-                   help="the INPUTs are photos of one site that show NO crack: write OUT.pt, the model with its "
-                        "threshold just above every one of them (with --localize: above every tile), then exit")
+                   help="the INPUTs are photos of one site that show NO crack: write OUT.pt, the model adapted to "
+                        "them (--calibrate-mode), its threshold just above every one of them (with --localize: "
+                        "above every tile), then exit")
+    p.add_argument("--calibrate-mode", default="head", choices=["head", "threshold"],
+                   help="head (default): refit the linear head on the photos plus the training anchors the model "
+                        "file carries, then the threshold; threshold: move the threshold only (weights unchanged)")
     dist = p.add_argument_group("spread over processes, GPUs and nodes (Lightning DDP; one CSV, in input order)")
     dist.add_argument("--accelerator", default=None, choices=["cpu", "gpu", "cuda", "auto"],
                       help="run Lightning's Trainer.predict on this accelerator (instead of --device)")
@@ -225,7 +229,7 @@ def predict_main(argv: list[str]) -> int:
 
         target = check_output_file(args.calibrate_site, [*paths, *model_files], "--calibrate-site", ours=is_release)
         report(calibrate_site(checkpoint, paths, target, localize=args.localize, tile=args.tile,
-                              stride=args.stride or None, device=args.device), target)
+                              stride=args.stride or None, device=args.device, mode=args.calibrate_mode), target)
         return 0
     per_photo = args.localize or args.explain
     out = Path(args.output or ("localization" if args.localize else "explanations" if args.explain

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .errors import DataError  # noqa: F401 - re-exported: callers import it from here too
+from .errors import ConfigError, DataError  # noqa: F401 - DataError re-exported: callers import it from here too
 from .config import DataConfig
 from .images import MAX_PIXELS, BadImageError, decode_image, is_image_file
 from .transforms import Preprocessing, eval_transform, stack_uint8, train_transform
@@ -237,6 +237,20 @@ def write_split_csv(records: list[Record], path: Path, class_names: Sequence[str
         for r in records:
             w.writerow([csv_path(r.path), r.label, csv_text(class_names[r.label]), r.split, r.sha256, r.box,
                         csv_text(r.group), csv_text(r.source)])
+
+
+def remap_paths(records: list[Record], pairs: Sequence[str]) -> list[Record]:
+    """Rewrite the beginning of each record's path by the first matching ``OLD=NEW`` pair, in place
+    (a split made on another machine, e.g. a lent GPU host). Raises ConfigError on a malformed pair."""
+    maps = [kv.split("=", 1) for kv in pairs]
+    if any(len(m) != 2 or not m[0] for m in maps):
+        raise ConfigError("--path-map takes OLD=NEW pairs")
+    for r in records:
+        for old, new in maps:
+            if r.path.startswith(old):
+                r.path = new + r.path[len(old):]
+                break
+    return records
 
 
 def read_split_csv(path: Path) -> list[Record]:
@@ -504,9 +518,11 @@ class CrackDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.dataset("test"), shuffle=False)
 
-    def eval_loader(self, name: str, augment: bool = False) -> DataLoader:
-        """Images of split ``name`` in order, never cached features (``augment``: train transform)."""
-        return self._loader(ImageDataset(self.split(name), self._transform(augment)), shuffle=False)
+    def eval_loader(self, name: str, augment: bool = False, records: list[Record] | None = None) -> DataLoader:
+        """Images of split ``name`` (or just ``records`` of it) in order, never cached features
+        (``augment``: train transform)."""
+        return self._loader(ImageDataset(self.split(name) if records is None else records, self._transform(augment)),
+                            shuffle=False)
 
 
 @torch.inference_mode()

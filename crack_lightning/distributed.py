@@ -104,6 +104,6 @@ def merge_shards(paths: Sequence[Path], shard_dir: Path, predictor: Predictor, w
     missing = [i for i in range(len(paths)) if i not in probs and i not in errors]
     if missing:
         raise RuntimeError(f"{len(missing)} file(s) predicted by no process (first: {paths[missing[0]]})")
-    return [predictor._row(Path(p), probs.get(i), errors.get(i, "")) for i, p in enumerate(paths)]
+    return [predictor.row(Path(p), probs.get(i), errors.get(i, "")) for i, p in enumerate(paths)]
 
 

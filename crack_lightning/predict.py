@@ -212,11 +212,13 @@ class Predictor:
 
     def _batch_rows(self, paths: Sequence[Path], probs: torch.Tensor | None, idx: list[int],
                     errors: list[tuple[int, str]]) -> list[Row]:
-        rows = [] if probs is None else [(i, self._row(paths[i], p)) for i, p in zip(idx, probs.cpu().tolist())]
-        rows += [(i, self._row(paths[i], None, err)) for i, err in errors]
+        rows = [] if probs is None else [(i, self.row(paths[i], p)) for i, p in zip(idx, probs.cpu().tolist())]
+        rows += [(i, self.row(paths[i], None, err)) for i, err in errors]
         return [row for _, row in sorted(rows, key=lambda t: t[0])]
 
-    def _row(self, path: Path, prob: float | None, error: str = "") -> Row:
+    def row(self, path: Path, prob: float | None, error: str = "") -> Row:
+        """The output row of one file: its probability (None where it could not be read), the label at
+        this predictor's threshold, the label its folder names, and the error."""
         truth = label_from_path(path, self.class_names)
         label = "" if prob is None else self.class_names[int(prob >= self.threshold)]
         return Row(str(path), prob, label, self.class_names[truth] if truth is not None else "", error)

@@ -512,6 +512,21 @@ def finish(cfg: Config, model: CrackClassifier, dm: CrackDataModule, run_dir: Pa
         if "test" in after:
             write_predictions(run_dir / "test_predictions.csv", dm.split("test"), model.last_results["test"],
                               cfg.data.class_names)
-        save_release(model, run_dir / "model.pt", metrics={"test": after.get("test"), "val": after.get("val")})
+        save_release(model, run_dir / "model.pt", metrics={"test": after.get("test"), "val": after.get("val")},
+                     anchors=site_anchors(cfg, model, dm))
     return result
+
+
+def site_anchors(cfg: Config, model: CrackClassifier, dm: CrackDataModule) -> dict | None:
+    """The features of up to :data:`~crack_lightning.calibrate.ANCHORS` training tiles (every source and
+    class alike) under the final weights: what ``predict.py --calibrate-site`` refits the head against."""
+    from .calibrate import linear_head, pack_anchors, pick_anchors
+    from .data import compute_features
+
+    records = pick_anchors(dm.split("train"))
+    if linear_head(model) is None or not records:
+        return None
+    extract = feature_extractor(model, cfg.train.feature_engine, feature_device(cfg))
+    items = compute_features(extract, dm.eval_loader("train", records=records), "training anchors")
+    return pack_anchors(items.features, items.labels)
 

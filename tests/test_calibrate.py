@@ -16,26 +16,32 @@ def probabilities(model, folder, out):
         return {r["path"].rsplit("/", 1)[-1]: float(r["probability"]) for r in csv.DictReader(f)}
 
 
-def test_calibration_silences_the_shown_photos_and_costs_exactly_the_cracks_below_them(trained_run, tmp_path):
-    model = trained_run / "model.pt"
-    stored = float(torch.load(model, weights_only=True)["threshold"])
-    old = probabilities(model, SAMPLE / "Positive", tmp_path / "old.csv")
-    # the "crack-free" site photos: Negative patches plus the median crack patch (a joint that looks like a crack)
+def site_folder(tmp_path, old):
+    """The "crack-free" site photos: Negative patches plus the median crack patch (a joint that looks like a crack)."""
     site = tmp_path / "site"
     site.mkdir()
     for f in sorted((SAMPLE / "Negative").glob("*.jpg"))[:10]:
         shutil.copy(f, site / f.name)
     median = sorted(old, key=old.get)[len(old) // 2]
     shutil.copy(SAMPLE / "Positive" / median, site / median)
+    return site, median
+
+
+def test_threshold_calibration_silences_the_shown_photos_and_costs_exactly_the_cracks_below_them(trained_run, tmp_path):
+    model = trained_run / "model.pt"
+    stored = float(torch.load(model, weights_only=True)["threshold"])
+    old = probabilities(model, SAMPLE / "Positive", tmp_path / "old.csv")
+    site, median = site_folder(tmp_path, old)
     out = tmp_path / "site_model.pt"
-    res = run_main("predict.py", "--checkpoint", str(model), str(site), "--calibrate-site", str(out))
+    res = run_main("predict.py", "--checkpoint", str(model), str(site), "--calibrate-site", str(out),
+                   "--calibrate-mode", "threshold")
     assert res.returncode == 0, res.stderr
     assert "-> " in res.stdout and "none does now" in res.stdout and "fewer cracks" in res.stderr
     saved = torch.load(out, weights_only=True)
     threshold = float(saved["threshold"])
     assert threshold > stored and threshold > old[median]
     info = saved["metrics"]["site_calibration"]
-    assert info["photos"] == 11 and info["highest"][0]["photo"].endswith(median)
+    assert info["photos"] == 11 and info["highest"][0]["photo"].endswith(median) and info["mode"] == "threshold"
     assert all(torch.equal(saved["state_dict"][k], v) for k, v in torch.load(model, weights_only=True)["state_dict"].items()
                if k != "threshold")  # the same weights: only the threshold moved
     # with the site model, no shown photo raises an alarm, and exactly the cracks scoring above it are found
@@ -86,3 +92,89 @@ def test_calibration_over_tiles_silences_every_tile_of_a_site_photo(trained_run,
     after = run_main("predict.py", "--checkpoint", str(out), str(site), "--localize", "--output", str(tmp_path / "b"))
     assert before.returncode == after.returncode == 0
     assert "wall.png: 0/" not in before.stdout and "wall.png: 0/" in after.stdout  # alarms before, none after
+
+
+def test_head_refit_separates_a_new_kind_of_negative_and_keeps_the_anchors():
+    """refit_linear on features where the trained head calls a site's crack-free texture a crack:
+    afterwards that texture scores below 0.5 and the training anchors are still classified right."""
+    from crack_lightning.calibrate import refit_linear
+
+    g = torch.Generator().manual_seed(0)
+    d = 16
+    crack, clear, site = torch.zeros(d), torch.zeros(d), torch.zeros(d)
+    crack[0], clear[0] = 3.0, -3.0
+    site[0], site[1] = 2.5, 4.0  # crack-like along the trained direction, but its own kind (dimension 1)
+    ax = torch.cat([crack + torch.randn(200, d, generator=g), clear + torch.randn(200, d, generator=g)])
+    ay = torch.cat([torch.ones(200), torch.zeros(200)])
+    weight, bias = torch.zeros(1, d), torch.zeros(1)
+    weight[0, 0] = 1.0  # the trained head: dimension 0 alone
+    site_x = site + torch.randn(20, d, generator=g)
+    unseen = site + torch.randn(200, d, generator=g)  # more of the site: not shown to the refit
+    assert (torch.sigmoid(unseen @ weight.T + bias) > 0.5).float().mean() > 0.9  # alarms before
+    w, b = refit_linear(weight, bias, ax, ay, site_x)
+    assert (torch.sigmoid(unseen @ w.T + b) > 0.5).float().mean() < 0.05
+    def accuracy(w, b):
+        return float((((ax @ w.T + b).squeeze(1) > 0).float() == ay).float().mean())
+
+    assert accuracy(w, b) > 0.95 and accuracy(w, b) > accuracy(weight, bias) - 0.04
+    # deterministic: the same fit twice
+    w2, b2 = refit_linear(weight, bias, ax, ay, site_x)
+    assert torch.equal(w, w2) and torch.equal(b, b2)
+
+
+def test_head_calibration_refits_only_the_head_and_silences_the_site(trained_run, tmp_path):
+    """The default mode: a run stores training anchors; --calibrate-site refits the head against them
+    and the site's photos, leaves the backbone, and no shown photo raises an alarm afterwards."""
+    model = trained_run / "model.pt"
+    ckpt = torch.load(model, weights_only=True)
+    anchors = ckpt["site_anchors"]
+    width = ckpt["state_dict"]["head.1.weight"].shape[1]
+    assert anchors["features"].shape[1] == width and len(anchors["labels"]) == len(anchors["features"])
+    assert 0 < int(anchors["labels"].sum()) < len(anchors["labels"])  # both classes
+    old = probabilities(model, SAMPLE / "Positive", tmp_path / "old.csv")
+    site, median = site_folder(tmp_path, old)
+    before = probabilities(model, site, tmp_path / "site_before.csv")
+    out = tmp_path / "site_model.pt"
+    res = run_main("predict.py", "--checkpoint", str(model), str(site), "--calibrate-site", str(out))
+    assert res.returncode == 0, res.stderr
+    assert "head refitted on 11 tile(s)" in res.stdout
+    saved = torch.load(out, weights_only=True)
+    info = saved["metrics"]["site_calibration"]
+    assert info["mode"] == "head" and info["head_refit"]["anchors"] == len(anchors["labels"])
+    changed = {k for k, v in ckpt["state_dict"].items() if not torch.equal(saved["state_dict"][k], v)}
+    assert changed and changed <= {"head.1.weight", "head.1.bias", "threshold"}
+    assert torch.equal(saved["site_anchors"]["features"], anchors["features"])  # carried: calibrate again later
+    after = probabilities(out, site, tmp_path / "site_after.csv")
+    assert after[median] < before[median]  # the refit itself moved the crack-like photo down
+    assert all(p < float(saved["threshold"]) for p in after.values())
+
+
+def test_anchors_tool_recomputes_what_training_stored(trained_run, tmp_path, capsys):
+    """tools/anchors.py on a model without anchors: the same tiles, the same features as the run stored."""
+    import importlib.util
+
+    from conftest import ROOT
+
+    from crack_lightning.checkpoint import load_model, save_release
+
+    bare = load_model(trained_run / "model.pt")
+    bare.meta.pop("site_anchors")
+    save_release(bare, tmp_path / "bare.pt")
+    assert "site_anchors" not in torch.load(tmp_path / "bare.pt", weights_only=True)
+    res = run_main("predict.py", "--checkpoint", str(tmp_path / "bare.pt"), str(SAMPLE / "Negative"),
+                   "--calibrate-site", str(tmp_path / "t.pt"))
+    assert res.returncode == 0 and "no training anchors" in res.stderr  # falls back to the threshold, says so
+    spec = importlib.util.spec_from_file_location("anchors_tool", ROOT / "tools" / "anchors.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tmp_path / "anchored.pt"
+    assert tool.main(["--run", str(trained_run), "--model", str(tmp_path / "bare.pt"), "--output", str(out),
+                      "--num-workers", "0"]) == 0
+    stored = torch.load(trained_run / "model.pt", weights_only=True)["site_anchors"]
+    made = torch.load(out, weights_only=True)["site_anchors"]
+    assert torch.equal(made["labels"], stored["labels"])
+    # training stored them under its fp32 weights, the release file holds fp16 ones: equal to ~1 %
+    diff = made["features"].float() - stored["features"].float()
+    assert diff.norm() / stored["features"].float().norm() < 0.02
+    capsys.readouterr()
+    assert tool.main(["--run", str(trained_run), "--output", str(out)]) == 2 and "exists" in capsys.readouterr().err

@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from crack_lightning.checkpoint import load_model
     from crack_lightning.config import ConfigError, dump_yaml, load_config
     from crack_lightning.console import quiet_lightning
-    from crack_lightning.data import CrackDataModule, read_split_csv, write_split_csv
+    from crack_lightning.data import CrackDataModule, read_split_csv, remap_paths, write_split_csv
     from crack_lightning.io import write_json, write_text
     from crack_lightning.training import finish
     from crack_lightning.weights import interpolate
@@ -55,21 +55,13 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{tuned_dir} is not a finished run folder (no split.csv)")
     if not 0.0 <= args.alpha <= 1.0:
         raise ConfigError(f"--alpha must be in [0, 1], got {args.alpha}")
-    maps = [kv.split("=", 1) for kv in args.path_map]
-    if any(len(m) != 2 for m in maps):
-        raise ConfigError("--path-map takes OLD=NEW pairs")
     quiet_lightning()
     cfg = load_config(tuned_dir / "config.yaml", [
         ("output_dir", str(out.parent)), ("run_name", out.name), ("train.interpolate", str(args.alpha)),
         ("trainer.precision", "32-true"), ("data.num_workers", str(args.num_workers))])
     start, model = load_model(args.start), load_model(tuned_dir / "model.pt")
     model.load_state_dict(interpolate(start.state_dict(), model.state_dict(), args.alpha))
-    records = read_split_csv(tuned_dir / "split.csv")
-    for r in records:
-        for old, new in maps:
-            if r.path.startswith(old):
-                r.path = new + r.path[len(old):]
-                break
+    records = remap_paths(read_split_csv(tuned_dir / "split.csv"), args.path_map)
     missing = sorted({r.path for r in records if r.split in ("val", "test") and not Path(r.path).is_file()})
     if missing:
         raise ConfigError(f"{len(missing)} image(s) of the split are not here (e.g. {missing[0]}): a run made on "
