@@ -92,7 +92,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> CrackCla
         model = CrackClassifier(pretrained="none", **kwargs)
     except WeightsError as exc:
         raise CheckpointError(f"{path}: {exc}") from exc
-    sd = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
+    # fp16 weights to float32; the threshold keeps its own precision (a float32 round trip would move it)
+    sd = {k: v.float() if v.is_floating_point() and k != "threshold" else v for k, v in ckpt["state_dict"].items()}
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     wrong = [k for k in sd if k in own and own[k].shape != sd[k].shape]
@@ -103,6 +104,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> CrackCla
             f"{len(unexpected)} unexpected, {len(wrong)} wrongly shaped tensors (e.g. {(missing + wrong + unexpected)[:2]})"
         )
     model.load_state_dict(sd)
+    # the stored training values (lr, label smoothing, ...) describe this model: a re-saved copy keeps them
+    model.hparams.update({k: v for k, v in hp.items() if k in model.hparams and k not in MODEL_ARGS})
     model.on_load_checkpoint(ckpt)  # the stored preprocessing
     model.meta = {k: ckpt.get(k) for k in ("metrics", "format", "site_anchors") if k in ckpt}
     return model.eval().to(device)
