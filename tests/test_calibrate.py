@@ -164,6 +164,13 @@ def test_anchors_tool_recomputes_what_training_stored(trained_run, tmp_path, cap
     res = run_main("predict.py", "--checkpoint", str(tmp_path / "bare.pt"), str(SAMPLE / "Negative"),
                    "--calibrate-site", str(tmp_path / "t.pt"))
     assert res.returncode == 0 and "no training anchors" in res.stderr  # falls back to the threshold, says so
+    assert torch.load(tmp_path / "t.pt", weights_only=True)["metrics"]["site_calibration"]["mode"] == "threshold"
+    edited = torch.load(trained_run / "model.pt", weights_only=True)
+    edited["site_anchors"]["features"] = edited["site_anchors"]["features"][:, :7]  # damaged or edited
+    torch.save(edited, tmp_path / "edited.pt")
+    res = run_main("predict.py", "--checkpoint", str(tmp_path / "edited.pt"), str(SAMPLE / "Negative"),
+                   "--calibrate-site", str(tmp_path / "e.pt"))
+    assert res.returncode == 2 and "do not fit its head" in res.stderr and not (tmp_path / "e.pt").exists()
     spec = importlib.util.spec_from_file_location("anchors_tool", ROOT / "tools" / "anchors.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
