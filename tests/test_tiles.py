@@ -204,3 +204,22 @@ def test_site_calibration_sets_the_threshold_above_the_shown_crack_free_photos(m
     (c,) = loso.site_calibration(walls, photos, probs, labels, counts=(1,), draws=20)
     # shown b or c: one alarm (a's 0.95 tile) among the 4 tiles of the two photos not shown; shown a: none
     assert 0.0 < c["false_alarms"] < c["false_alarms_worst"] == 0.25
+    # with refit (--calibrate-mode head): the head is first fitted again on the anchors plus the shown
+    # photos' features; the site's own kind of crack-free texture then stays below the threshold
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(4, 1)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[1.0, 0, 0, 0]]))
+        head.bias.zero_()
+    crack, clear, site = torch.tensor([3.0, 0, 0, 0]), torch.tensor([-3.0, 0, 0, 0]), torch.tensor([2.0, 3.0, 0, 0])
+    anchors = {"features": torch.cat([crack + 0.3 * torch.randn(50, 4, generator=g),
+                                      clear + 0.3 * torch.randn(50, 4, generator=g)]).half(),
+               "labels": torch.cat([torch.ones(50), torch.zeros(50)]).to(torch.uint8)}
+    walls_x, crack_x = site + 0.3 * torch.randn(6, 4, generator=g), crack + 0.3 * torch.randn(3, 4, generator=g)
+    with torch.no_grad():
+        w0, p0 = torch.sigmoid(head(walls_x)).squeeze(1), torch.sigmoid(head(crack_x)).squeeze(1)
+    args = (w0, photos, p0, torch.ones(3), 0.5)
+    (plain,) = loso.site_calibration(*args, counts=(1,), draws=10)
+    (refit,) = loso.site_calibration(*args, counts=(1,), draws=10, refit=(head, anchors, walls_x, crack_x))
+    assert plain["false_alarms"] > 0 and plain["recall"] == 1.0
+    assert refit["false_alarms"] == refit["false_alarms_worst"] == 0.0 and refit["recall"] == 1.0
