@@ -53,6 +53,16 @@ def guarded(main: Callable[[], int]) -> int:
         return 130
 
 
+def run_folder_tool(ap, run: Callable, argv: list[str] | None = None) -> int:
+    """The tools that rework a finished run folder (tools/interpolate.py, tools/anchors.py): their shared
+    options (``--path-map`` for a run made on another machine, ``--num-workers``), errors as :func:`guarded`."""
+    ap.add_argument("--path-map", nargs="*", default=[], metavar="OLD=NEW",
+                    help="rewrite the beginning of the split's paths (a run made on another machine)")
+    ap.add_argument("--num-workers", type=int, default=2)
+    args = ap.parse_args(argv)
+    return guarded(lambda: run(args))
+
+
 def train_entry() -> None:
     """``crack-train``: ``train.py`` as an installed command."""
     sys.exit(guarded(lambda: train_main(sys.argv[1:])))

@@ -253,6 +253,19 @@ def remap_paths(records: list[Record], pairs: Sequence[str]) -> list[Record]:
     return records
 
 
+def read_run_split(run_dir: Path, path_map: Sequence[str] = (), need: Sequence[str] = ("train", "val", "test")) -> list[Record]:
+    """A finished run's ``split.csv``, paths rewritten by ``path_map`` (:func:`remap_paths`); every image of
+    the ``need`` splits must be here, else ConfigError naming one and the ``--path-map`` remedy."""
+    if not (Path(run_dir) / "split.csv").is_file() or not (Path(run_dir) / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir} is not a finished run folder (no split.csv or config.yaml)")
+    records = remap_paths(read_split_csv(Path(run_dir) / "split.csv"), path_map)
+    missing = sorted({r.path for r in records if r.split in need and not Path(r.path).is_file()})
+    if missing:
+        raise ConfigError(f"{len(missing)} image(s) of the split are not here (e.g. {missing[0]}): a run made on "
+                          "another machine needs --path-map OLD=NEW")
+    return records
+
+
 def read_split_csv(path: Path) -> list[Record]:
     from .io import csv_value, path_from_csv
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from crack_lightning.errors import UserError  # noqa: E402
+from crack_lightning.cli import run_folder_tool  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,21 +26,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run", required=True, help="the run folder the model was trained in (split.csv, config.yaml)")
     ap.add_argument("--model", default=None, help="the model file (default: RUN/model.pt)")
     ap.add_argument("--output", required=True, help="the new model file (must not exist)")
-    ap.add_argument("--path-map", nargs="*", default=[], metavar="OLD=NEW")
-    ap.add_argument("--num-workers", type=int, default=2)
-    args = ap.parse_args(argv)
-    try:
-        return run(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_folder_tool(ap, run, argv)
 
 
 def run(args: argparse.Namespace) -> int:
     from crack_lightning.checkpoint import load_model, save_release
     from crack_lightning.config import ConfigError, load_config
     from crack_lightning.console import quiet_lightning
-    from crack_lightning.data import CrackDataModule, read_split_csv, remap_paths
+    from crack_lightning.data import CrackDataModule, read_run_split
     from crack_lightning.io import path_text
     from crack_lightning.training import site_anchors
 
@@ -48,16 +41,10 @@ def run(args: argparse.Namespace) -> int:
     model_file = Path(args.model) if args.model else run_dir / "model.pt"
     if out.exists():
         raise ConfigError(f"{path_text(out)} exists: choose a new --output file")
-    if not (run_dir / "split.csv").is_file() or not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{path_text(run_dir)} is not a finished run folder (no split.csv or config.yaml)")
+    records = read_run_split(run_dir, args.path_map, need=("train",))
     quiet_lightning()
     cfg = load_config(run_dir / "config.yaml", [("data.num_workers", str(args.num_workers))])
     model = load_model(model_file)
-    records = remap_paths(read_split_csv(run_dir / "split.csv"), args.path_map)
-    missing = sorted({r.path for r in records if r.split == "train" and not Path(r.path).is_file()})
-    if missing:
-        raise ConfigError(f"{len(missing)} training image(s) of the split are not here (e.g. {missing[0]}): a run "
-                          "made on another machine needs --path-map OLD=NEW")
     dm = CrackDataModule(cfg.data, records=records, pre=model.pre, run_dir=run_dir)
     anchors = site_anchors(cfg, model, dm)
     if anchors is None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from crack_lightning.errors import UserError  # noqa: E402
+from crack_lightning.cli import run_folder_tool  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,21 +29,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tuned", required=True, help="the finished run folder (model.pt, config.yaml, split.csv)")
     ap.add_argument("--alpha", type=float, default=0.5, help="share of the fine-tuned weights (default 0.5)")
     ap.add_argument("--output", required=True, help="the new run folder (must not exist)")
-    ap.add_argument("--path-map", nargs="*", default=[], metavar="OLD=NEW")
-    ap.add_argument("--num-workers", type=int, default=2)
-    args = ap.parse_args(argv)
-    try:
-        return run(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_folder_tool(ap, run, argv)
 
 
 def run(args: argparse.Namespace) -> int:
     from crack_lightning.checkpoint import load_model
     from crack_lightning.config import ConfigError, dump_yaml, load_config
     from crack_lightning.console import quiet_lightning
-    from crack_lightning.data import CrackDataModule, read_split_csv, remap_paths, write_split_csv
+    from crack_lightning.data import CrackDataModule, read_run_split, write_split_csv
     from crack_lightning.io import write_json, write_text
     from crack_lightning.training import finish
     from crack_lightning.weights import interpolate
@@ -51,21 +44,15 @@ def run(args: argparse.Namespace) -> int:
     tuned_dir, out = Path(args.tuned), Path(args.output)
     if out.exists():
         raise ConfigError(f"{out} exists: choose a new --output folder")
-    if not (tuned_dir / "split.csv").is_file():
-        raise ConfigError(f"{tuned_dir} is not a finished run folder (no split.csv)")
     if not 0.0 <= args.alpha <= 1.0:
         raise ConfigError(f"--alpha must be in [0, 1], got {args.alpha}")
+    records = read_run_split(tuned_dir, args.path_map, need=("val", "test"))
     quiet_lightning()
     cfg = load_config(tuned_dir / "config.yaml", [
         ("output_dir", str(out.parent)), ("run_name", out.name), ("train.interpolate", str(args.alpha)),
         ("trainer.precision", "32-true"), ("data.num_workers", str(args.num_workers))])
     start, model = load_model(args.start), load_model(tuned_dir / "model.pt")
     model.load_state_dict(interpolate(start.state_dict(), model.state_dict(), args.alpha))
-    records = remap_paths(read_split_csv(tuned_dir / "split.csv"), args.path_map)
-    missing = sorted({r.path for r in records if r.split in ("val", "test") and not Path(r.path).is_file()})
-    if missing:
-        raise ConfigError(f"{len(missing)} image(s) of the split are not here (e.g. {missing[0]}): a run made on "
-                          "another machine needs --path-map OLD=NEW")
     out.mkdir(parents=True)
     write_text(out / "config.yaml", dump_yaml(cfg))
     write_split_csv(records, out / "split.csv", cfg.data.class_names)
