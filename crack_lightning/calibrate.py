@@ -64,6 +64,13 @@ def linear_head(model: nn.Module) -> nn.Linear | None:
     return layers[0] if len(layers) == 1 else None
 
 
+def anchor_accuracy(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                    threshold: float) -> float:
+    """The share of the anchors a linear head classifies right at ``threshold``."""
+    p = torch.sigmoid((x @ weight.T + bias).squeeze(1))
+    return round(float(((p >= threshold).float() == y).float().mean()), 4)
+
+
 def refit_linear(weight: torch.Tensor, bias: torch.Tensor, anchors_x: torch.Tensor, anchors_y: torch.Tensor,
                  site_x: torch.Tensor, share: float = SITE_SHARE, l2: float = SITE_L2,
                  steps: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,7 +81,7 @@ def refit_linear(weight: torch.Tensor, bias: torch.Tensor, anchors_x: torch.Tens
     y = torch.cat([anchors_y.float(), torch.zeros(len(site_x))])
     w = torch.cat([torch.ones(len(anchors_x)), torch.full((len(site_x),), share * len(anchors_x) / max(1, len(site_x)))])
     w = w / w.sum()
-    w0, b0 = weight.detach().float().cpu(), bias.detach().float().cpu()
+    w0, b0 = weight.detach().float().cpu().clone(), bias.detach().float().cpu().clone()
     W, b = w0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
     opt = torch.optim.LBFGS([W, b], max_iter=steps, line_search_fn="strong_wolfe")
 
@@ -155,15 +162,17 @@ def calibrate_site(checkpoint: Path, paths: Sequence[Path], out: Path, *, locali
         if ax.ndim != 2 or ax.shape[1:] != site_x.shape[1:] or len(ay) != len(ax):
             raise InputError(f"{path_text(checkpoint)}: its stored anchors do not fit its head "
                              f"({tuple(ax.shape)} vs features {tuple(site_x.shape)}): the file is damaged or edited")
-        weight, bias = refit_linear(head.weight, head.bias, ax, ay, site_x)
+        old = (head.weight.detach().float().cpu().clone(), head.bias.detach().float().cpu().clone())  # not views
+        weight, bias = refit_linear(*old, ax, ay, site_x)
         with torch.no_grad():
             head.weight.copy_(weight.to(head.weight))
             head.bias.copy_(bias.to(head.bias))
-        right = float((((ax @ weight.T + bias).squeeze(1) > 0).float() == ay).float().mean())
         refit = {"site_tiles": len(site_x), "anchors": len(ax), "share": SITE_SHARE, "l2": SITE_L2,
-                 "anchor_accuracy": round(right, 4)}
+                 "anchor_accuracy_before": anchor_accuracy(ax, ay, *old, before)}
         scores = photo_scores(predictor, paths, localize, tile, stride)  # as the adapted model predicts them
     threshold = site_threshold(scores, before)
+    if refit:
+        refit["anchor_accuracy"] = anchor_accuracy(ax, ay, weight, bias, threshold)
     ranked = sorted(zip(scores, map(str, paths)), reverse=True)
     if threshold >= 1.0:
         raise InputError(f"{path_text(ranked[0][1])} scores {ranked[0][0]:.6f}: no threshold below 1 silences it. "
@@ -184,15 +193,17 @@ def report(info: dict, out: Path) -> None:
     of = f"the {info['photos']} crack-free photos" + ("' tiles" if info["tiles"] else "")
     refit = info.get("head_refit")
     if refit:
-        print(f"head refitted on {refit['site_tiles']} tile(s) of {of.removeprefix('the ')} with {refit['anchors']} "
-              f"training anchors ({refit['anchor_accuracy']:.1%} of the anchors still right)")
+        tiles = f"{refit['site_tiles']} tiles of " if info["tiles"] else ""
+        print(f"head refitted on {tiles}the {info['photos']} crack-free photos and {refit['anchors']} training "
+              f"anchors (anchors right: {refit['anchor_accuracy_before']:.1%} before, {refit['anchor_accuracy']:.1%} now)")
+    moved = (f"threshold {info['threshold_before']:.3f} -> {info['threshold']:.3f}"
+             if info["threshold"] > info["threshold_before"] else f"threshold {info['threshold']:.3f} unchanged")
     if info["alarms_before"] == 0:
-        print(f"threshold {info['threshold']:.3f}{'' if info['threshold'] > info['threshold_before'] else ' unchanged'}: "
-              f"{of} raised no alarm before -> {path_text(out)}")
+        print(f"{moved}: {of} raised no alarm before -> {path_text(out)}")
         return
     which = "had a tile that raised" if info["tiles"] else "raised"
-    print(f"threshold {info['threshold_before']:.3f} -> {info['threshold']:.3f}: {info['alarms_before']} of the "
-          f"{info['photos']} crack-free photos {which} an alarm, none does now -> {path_text(out)}")
+    print(f"{moved}: {info['alarms_before']} of the {info['photos']} crack-free photos {which} an alarm before, "
+          f"none does now -> {path_text(out)}")
     print("fewer cracks will be found too (docs/field.md, site calibration); use this model for this site: "
           f"predict.py PHOTOS --checkpoint {path_text(out)}", file=sys.stderr)
     if info["threshold"] >= HIGH:

@@ -4,6 +4,7 @@ import shutil
 
 import cv2
 import numpy as np
+import pytest
 import torch
 
 from conftest import SAMPLE, run_main
@@ -137,10 +138,16 @@ def test_head_calibration_refits_only_the_head_and_silences_the_site(trained_run
     out = tmp_path / "site_model.pt"
     res = run_main("predict.py", "--checkpoint", str(model), str(site), "--calibrate-site", str(out))
     assert res.returncode == 0, res.stderr
-    assert "head refitted on 11 tile(s)" in res.stdout
+    assert "head refitted on the 11 crack-free photos and" in res.stdout and "anchors right:" in res.stdout
     saved = torch.load(out, weights_only=True)
     info = saved["metrics"]["site_calibration"]
     assert info["mode"] == "head" and info["head_refit"]["anchors"] == len(anchors["labels"])
+    # the anchors' accuracy before is the stored head's at the stored threshold (recomputed here)
+    head_w, head_b = ckpt["state_dict"]["head.1.weight"].float(), ckpt["state_dict"]["head.1.bias"].float()
+    p = torch.sigmoid(anchors["features"].float() @ head_w.T + head_b).squeeze(1)
+    right = float(((p >= float(ckpt["threshold"])).float() == anchors["labels"].float()).float().mean())
+    assert info["head_refit"]["anchor_accuracy_before"] == pytest.approx(right, abs=1e-3)
+    assert 0.5 < info["head_refit"]["anchor_accuracy"] <= 1
     changed = {k for k, v in ckpt["state_dict"].items() if not torch.equal(saved["state_dict"][k], v)}
     assert changed and changed <= {"head.1.weight", "head.1.bias", "threshold"}
     assert torch.equal(saved["site_anchors"]["features"], anchors["features"])  # carried: calibrate again later
