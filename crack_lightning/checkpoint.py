@@ -83,6 +83,12 @@ def check_hparams(hp: dict, where: str | Path) -> dict:
     return kwargs
 
 
+def float_weights(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A stored state dict with its (fp16) weights as float32; the threshold keeps its own precision (a
+    float32 round trip would move it), integer buffers stay integers."""
+    return {k: v.float() if v.is_floating_point() and k != "threshold" else v for k, v in state_dict.items()}
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> CrackClassifier:
     """Rebuild the model from a checkpoint (no pretrained download: the checkpoint has the weights)."""
     ckpt = read_checkpoint(path)
@@ -92,8 +98,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> CrackCla
         model = CrackClassifier(pretrained="none", **kwargs)
     except WeightsError as exc:
         raise CheckpointError(f"{path}: {exc}") from exc
-    # fp16 weights to float32; the threshold keeps its own precision (a float32 round trip would move it)
-    sd = {k: v.float() if v.is_floating_point() and k != "threshold" else v for k, v in ckpt["state_dict"].items()}
+    sd = float_weights(ckpt["state_dict"])
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     wrong = [k for k in sd if k in own and own[k].shape != sd[k].shape]

@@ -36,7 +36,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_summary import ModelSummary
 
-from .checkpoint import CheckpointError, read_checkpoint, save_release
+from .checkpoint import CheckpointError, float_weights, read_checkpoint, save_release
 from .config import Config, ConfigError, dump_yaml, trainer_kwargs
 from .console import ProgressBar, quiet_lightning
 from .data import CrackDataModule, Record, class_counts
@@ -496,7 +496,7 @@ def started_from(cfg: Config, model: CrackClassifier) -> dict[str, torch.Tensor]
     own = model.state_dict()
     if sd.keys() != own.keys() or any(sd[k].shape != own[k].shape for k in own):
         return None
-    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+    return float_weights(sd)
 
 
 def finish(cfg: Config, model: CrackClassifier, dm: CrackDataModule, run_dir: Path, result: dict) -> dict:
