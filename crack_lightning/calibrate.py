@@ -126,6 +126,25 @@ def photo_scores(predictor, paths: Sequence[Path], localize: bool, tile: int, st
     return scores
 
 
+def photo_features(predictor, head: nn.Linear, paths: Sequence[Path], localize: bool, tile: int,
+                   stride: int | None) -> tuple[list[float], list[torch.Tensor]]:
+    """:func:`photo_scores`, plus each photo's features as ``head`` receives them (one row, or one per
+    tile with ``localize``), read off the live model by a forward hook: exactly what prediction computes."""
+    feats: list[torch.Tensor] = []
+    hook = head.register_forward_hook(lambda _m, inp, _o: feats.append(inp[0].detach().float().cpu()))
+    try:
+        if not localize:  # one batched pass; rows come in input order, and an unreadable photo stops it
+            return photo_scores(predictor, paths, False, tile, stride), list(torch.cat(feats).split(1))
+        scores, sizes = [], []
+        for path in paths:
+            done = sum(len(f) for f in feats)
+            scores += photo_scores(predictor, [path], True, tile, stride)
+            sizes.append(sum(len(f) for f in feats) - done)
+        return scores, list(torch.cat(feats).split(sizes))
+    finally:
+        hook.remove()
+
+
 def calibrate_site(checkpoint: Path, paths: Sequence[Path], out: Path, *, localize: bool = False,
                    tile: int = 227, stride: int | None = None, device: str = "cpu", mode: str = "head") -> dict:
     """Write ``out``: the model of ``checkpoint`` adapted to the crack-free photos in ``paths``
@@ -147,17 +166,12 @@ def calibrate_site(checkpoint: Path, paths: Sequence[Path], out: Path, *, locali
                "it carries no training anchors (trained before they were stored; tools/anchors.py adds them)")
         print(f"note: the head cannot be refitted for this model: {why}; moving the threshold only", file=sys.stderr)
         mode = "threshold"
-    feats: list[torch.Tensor] = []
-    hook = head.register_forward_hook(lambda _m, inp, _o: feats.append(inp[0].detach().float().cpu())) \
-        if mode == "head" else None
-    try:
-        scores = first = photo_scores(predictor, paths, localize, tile, stride)
-    finally:
-        if hook is not None:
-            hook.remove()
     refit = None
-    if mode == "head":
-        site_x = torch.cat(feats)
+    if mode == "threshold":
+        scores = first = photo_scores(predictor, paths, localize, tile, stride)
+    else:
+        first, per_photo = photo_features(predictor, head, paths, localize, tile, stride)
+        site_x = torch.cat(per_photo)
         ax, ay = anchors["features"].float(), anchors["labels"].float()
         if ax.ndim != 2 or ax.shape[1:] != site_x.shape[1:] or len(ay) != len(ax):
             raise InputError(f"{path_text(checkpoint)}: its stored anchors do not fit its head "
@@ -167,9 +181,10 @@ def calibrate_site(checkpoint: Path, paths: Sequence[Path], out: Path, *, locali
         with torch.no_grad():
             head.weight.copy_(weight.to(head.weight))
             head.bias.copy_(bias.to(head.bias))
+            # each photo's score as the adapted model predicts it: the refitted head on the same features
+            scores = [float(torch.sigmoid(head(f.to(head.weight))).max()) for f in per_photo]
         refit = {"site_tiles": len(site_x), "anchors": len(ax), "share": SITE_SHARE, "l2": SITE_L2,
                  "anchor_accuracy_before": anchor_accuracy(ax, ay, *old, before)}
-        scores = photo_scores(predictor, paths, localize, tile, stride)  # as the adapted model predicts them
     threshold = site_threshold(scores, before)
     if refit:
         refit["anchor_accuracy"] = anchor_accuracy(ax, ay, weight, bias, threshold)
