@@ -28,12 +28,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from harness import OUT_HELP, hardware, out_path  # noqa: E402
-from loso import EVAL_RULE, scores  # noqa: E402
-from crack_lightning.data import ImageDataset  # noqa: E402
+from loso import scores, tile_batches  # noqa: E402
 from crack_lightning.io import write_results  # noqa: E402
 from crack_lightning.predict import Predictor  # noqa: E402
-from crack_lightning.tiles import scan_mask_root  # noqa: E402
-from crack_lightning.transforms import eval_transform  # noqa: E402
 
 
 @torch.no_grad()
@@ -62,13 +59,10 @@ def main() -> int:
     model, thr = predictor.model, float(predictor.threshold)
     if not isinstance(model, torch.nn.Module):
         sys.exit("bn_adapt.py: needs a PyTorch checkpoint, not an ONNX file")
-    tf = eval_transform(predictor.pre)
 
     def load(source: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        records = scan_mask_root(Path(args.field) / source, EVAL_RULE)[0]
-        ds = ImageDataset(records, tf)
-        return (torch.stack([ds[i][0] for i in range(len(ds))]), torch.tensor([float(r.label) for r in records]),
-                [r.path for r in records])
+        records, batches = tile_batches(predictor.pre, [Path(args.field) / source])
+        return torch.cat(list(batches)), torch.tensor([float(r.label) for r in records]), [r.path for r in records]
 
     xw, _, pw = load("concrete_nocrack")
     xr, yr, pr = load("rissbilder")

@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -62,19 +63,24 @@ def mendeley_subset(root: Path, per_class: int, out: Path) -> Path:
     return out
 
 
-@torch.inference_mode()
-def tile_probabilities(predictor: Predictor, roots: list[Path]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Probabilities, labels and photo paths of every evaluation tile of ``roots``."""
+def tile_batches(pre, roots: list[Path], batch: int = 64) -> tuple[list, Iterator[torch.Tensor]]:
+    """Every evaluation tile of ``roots`` (the issue's protocol, :data:`EVAL_RULE`): their records, and
+    their eval-transformed images in batches of ``batch``, in record order."""
     from crack_lightning.data import ImageDataset
     from crack_lightning.transforms import eval_transform
 
     records = [r for root in roots for r in scan_mask_root(root, EVAL_RULE)[0]]
-    ds = ImageDataset(records, eval_transform(predictor.pre))
-    probs = []
-    for start in range(0, len(ds), 64):
-        batch = torch.stack([ds[i][0] for i in range(start, min(start + 64, len(ds)))])
-        probs.append(predictor.probabilities(batch))
-    return torch.cat(probs), torch.tensor([float(r.label) for r in records]), [r.path for r in records]
+    ds = ImageDataset(records, eval_transform(pre))
+    return records, (torch.stack([ds[i][0] for i in range(s, min(s + batch, len(ds)))])
+                     for s in range(0, len(ds), batch))
+
+
+@torch.inference_mode()
+def tile_probabilities(predictor: Predictor, roots: list[Path]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Probabilities, labels and photo paths of every evaluation tile of ``roots``."""
+    records, batches = tile_batches(predictor.pre, roots)
+    probs = torch.cat([predictor.probabilities(b) for b in batches])
+    return probs, torch.tensor([float(r.label) for r in records]), [r.path for r in records]
 
 
 def site_calibration(walls: torch.Tensor, photos: list[str], probs: torch.Tensor, labels: torch.Tensor,
@@ -99,8 +105,8 @@ def site_calibration(walls: torch.Tensor, photos: list[str], probs: torch.Tensor
             w_scores, c_scores = walls, probs
             if refit is not None:
                 head, anchors, walls_x, crack_x = refit
-                weight, bias = refit_linear(head.weight, head.bias, anchors["features"].float(),
-                                            anchors["labels"].float(), walls_x[mask])
+                weight, bias = refit_linear(head.weight, head.bias, anchors["features"], anchors["labels"],
+                                            walls_x[mask])
                 w_scores = torch.sigmoid(walls_x @ weight.T + bias).squeeze(1)
                 c_scores = torch.sigmoid(crack_x @ weight.T + bias).squeeze(1)
             thr = site_threshold(w_scores[mask].tolist(), stored)
@@ -116,26 +122,21 @@ def site_calibration(walls: torch.Tensor, photos: list[str], probs: torch.Tensor
 @torch.inference_mode()
 def tile_features(model, roots: list[Path]) -> torch.Tensor:
     """The head's input features of every evaluation tile of ``roots`` (PyTorch, as the refit reads them)."""
-    from crack_lightning.data import ImageDataset
-    from crack_lightning.transforms import eval_transform
-
-    records = [r for root in roots for r in scan_mask_root(root, EVAL_RULE)[0]]
-    ds = ImageDataset(records, eval_transform(model.pre))
     model.eval()
-    return torch.cat([model.features(torch.stack([ds[i][0] for i in range(s, min(s + 64, len(ds)))])).float()
-                      for s in range(0, len(ds), 64)])
+    return torch.cat([model.features(b.to(memory_format=torch.channels_last)).float()
+                      for b in tile_batches(model.pre, roots)[1]])
 
 
 def site_refit_inputs(predictor: Predictor, walls_root: Path, crack_roots: list[Path]):
     """``site_calibration``'s ``refit`` for this model, or None where it stores no anchors (or the
-    head is not linear): the head and anchors of the model file, the features of every tile."""
+    head is not linear): the head and anchors (float) of the model file, the features of every tile."""
     from crack_lightning.calibrate import linear_head
-    from crack_lightning.checkpoint import load_model
 
-    model = load_model(predictor.checkpoint)
+    model = predictor.model  # the PyTorch model behind the predictor (scored with ONNX Runtime on a CPU)
     head, anchors = linear_head(model), model.meta.get("site_anchors")
     if head is None or not anchors:
         return None
+    anchors = {"features": anchors["features"].float(), "labels": anchors["labels"].float()}
     return head, anchors, tile_features(model, [walls_root]), tile_features(model, crack_roots)
 
 
