@@ -464,8 +464,10 @@ class CrackDataModule(L.LightningDataModule):
             self.features = {s: TensorItems(f, y) for s, (f, y) in stored.items()}
             return
         extract = make_extractor()
-        feats = {s: compute_features(extract, self.eval_loader(s), s) for s in SPLITS if self.split(s)}
-        extra = [compute_features(extract, self.eval_loader("train", augment=True), f"train, augmented view {k + 1}")
+        feats = {s: compute_features(extract, self.eval_loader(s), f"caching features ({s})")
+                 for s in SPLITS if self.split(s)}
+        extra = [compute_features(extract, self.eval_loader("train", augment=True),
+                                  f"caching features (train, augmented view {k + 1})")
                  for k in range(views)]
         feats["train"] = TensorItems.concat([feats["train"], *extra])
         self.features = feats
@@ -540,9 +542,10 @@ class CrackDataModule(L.LightningDataModule):
 
 @torch.inference_mode()
 def compute_features(extract, loader: DataLoader, desc: str) -> TensorItems:
-    """Run the frozen backbone once over ``loader``; the head then trains on the stored features."""
+    """Run the frozen backbone once over ``loader`` (progress bar labelled ``desc``): the features the head
+    trains on, or that a release stores as training anchors."""
     feats, labels = [], []
-    for b in tqdm(loader, desc=f"caching features ({desc})", unit="batch"):
+    for b in tqdm(loader, desc=desc, unit="batch"):
         feats.append(extract(b.x))
         labels.append(b.y)
     return TensorItems(torch.cat(feats), torch.cat(labels))

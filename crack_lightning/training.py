@@ -527,6 +527,6 @@ def site_anchors(cfg: Config, model: CrackClassifier, dm: CrackDataModule) -> di
     if linear_head(model) is None or not records:
         return None
     extract = feature_extractor(model, cfg.train.feature_engine, feature_device(cfg))
-    items = compute_features(extract, dm.eval_loader("train", records=records), "training anchors")
+    items = compute_features(extract, dm.eval_loader("train", records=records), "features of the training anchors")
     return pack_anchors(items.features, items.labels)
 
