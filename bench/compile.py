@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Does torch.compile pay for this model? The model alone, on random tensors, eager vs compiled.
 
-    python bench/compile.py                       # CPU -> bench/compile.json, bench/compile.md
+    python bench/compile.py                       # CPU -> results/compile/compile.json, results/compile/compile.md
     python bench/compile.py --device cuda --out bench/compile_gpu.json
 
 Five rows on a CPU, four on a GPU; same model (the released checkpoint), same batch, each timed after two warm-up calls:
@@ -25,12 +25,13 @@ from typing import Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from harness import OUT_HELP, describe, hardware, out_path  # noqa: E402
-from crack_lightning.checkpoint import load_model  # noqa: E402
-from crack_lightning.engine import onnx_runner  # noqa: E402
-from crack_lightning.export import ProbabilityModel  # noqa: E402
-from crack_lightning.io import write_results  # noqa: E402
+from crack_lightning.files import RESULTS_HELP as OUT_HELP
+from crack_lightning.files import results_path, write_results
+from crack_lightning.hardware import describe
+from crack_lightning.hardware import machine as hardware
+from crack_lightning.inference.export import ProbabilityModel
+from crack_lightning.models.checkpoint import load_model
+from crack_lightning.models.runtime import onnx_runner
 
 
 def timed(fn: Callable[[], object], device: torch.device) -> float:
@@ -136,7 +137,7 @@ def main() -> int:
                     help="keep torch.compile's on-disk caches (default: empty ones, what a first run pays)")
     ap.add_argument("--out", default=None, help=OUT_HELP)
     args = ap.parse_args()
-    args.out = str(out_path(args.out, "compile"))  # resolved once: every write goes to one file
+    args.out = str(results_path(args.out, "compile"))  # resolved once: every write goes to one file
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU measurements in one go (one GPU, a multi-core host):
 #   1. time to accuracy + epoch times: train.py --config configs/gpu.yaml on the full data, cold start
-#   2. the robust recipe (configs/robust_gpu.yaml), full fine-tuning, for bench/robustness.py
+#   2. the robust recipe (configs/robust_gpu.yaml), full fine-tuning, for experiments/robustness.py
 #   3. bench/run.py --device cuda: data pipeline, prediction from JPEG files (ours vs plain), training throughput
 #   4. a second robust variant (lower fine-tuning learning rate), if the time budget allows
 #   5. bench/compile.py --device cuda: does torch.compile pay (model alone, eager vs compiled)

@@ -8,7 +8,7 @@ Three ways, same files, same batch size, each after one warm-up pass:
   float32   normalised floats, resized in the worker (the ONNX Runtime path on a CPU)
   uint8     uint8 at the model's size, resized in the worker (PyTorch engine on a CPU)
   deferred  uint8 at the files' own size; the model's device resizes (PyTorch engine on a GPU)
-Writes bench/loader.json and bench/loader.md. Nothing is asserted.
+Writes results/loader/loader.json and results/loader/loader.md. Nothing is asserted.
 """
 from __future__ import annotations
 
@@ -17,10 +17,12 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from harness import OUT_HELP, describe, hardware, out_path  # noqa: E402
-from crack_lightning.io import write_results  # noqa: E402
-from crack_lightning.predict import Predictor, collect_inputs  # noqa: E402
+from crack_lightning.files import RESULTS_HELP as OUT_HELP
+from crack_lightning.files import results_path, write_results
+from crack_lightning.hardware import describe
+from crack_lightning.hardware import machine as hardware
+from crack_lightning.inference.outputs import collect_inputs
+from crack_lightning.inference.predictor import Predictor
 
 WAYS = {  # name: (Predictor engine, resize_on_device)
     "float32": ("onnx", False),
@@ -49,7 +51,7 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--out", default=None, help=OUT_HELP)
     args = ap.parse_args()
-    args.out = str(out_path(args.out, "loader"))  # resolved once: every write goes to one file
+    args.out = str(results_path(args.out, "loader"))  # resolved once: every write goes to one file
 
     files = collect_inputs([args.data])
     files = files[:: max(1, len(files) // args.images)][: args.images]

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Speed benchmarks on whatever machine runs them; writes bench/results.json and bench/results.md.
+"""Speed benchmarks on whatever machine runs them; writes results/run/cpu.json and results/run/cpu.md.
 
     python bench/run.py --data ../shared/data/mendeley --run runs/mendeley_lite0_ort
 
@@ -25,18 +25,21 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from harness import OUT_HELP, describe, hardware, out_path  # noqa: E402
-from crack_lightning.checkpoint import load_model  # noqa: E402
-from crack_lightning.config import DataConfig  # noqa: E402
-from crack_lightning.data import CrackDataModule, Record, list_images  # noqa: E402
-from crack_lightning.images import decode_image  # noqa: E402
-from crack_lightning.io import write_results  # noqa: E402
-from crack_lightning.predict import Predictor, label_from_path, write_rows  # noqa: E402
-from crack_lightning.data import compute_features  # noqa: E402
-from crack_lightning.training import feature_extractor  # noqa: E402
-from crack_lightning.transforms import area_resize, eval_transform, resize_op, train_transform  # noqa: E402
-
+from crack_lightning.config.schema import DataConfig
+from crack_lightning.data.datamodule import CrackDataModule
+from crack_lightning.data.images import decode_image
+from crack_lightning.data.loaders import compute_features
+from crack_lightning.data.records import Record
+from crack_lightning.data.scan import list_images
+from crack_lightning.data.transforms import eval_transform, resize_op, train_transform
+from crack_lightning.files import RESULTS_HELP as OUT_HELP
+from crack_lightning.files import results_path, write_results
+from crack_lightning.hardware import describe
+from crack_lightning.hardware import machine as hardware
+from crack_lightning.inference.predictor import Predictor, label_from_path, write_rows
+from crack_lightning.models.checkpoint import load_model
+from crack_lightning.tensor_ops import area_resize, model_input
+from crack_lightning.training.features import feature_extractor
 
 CLASSES = ("Negative", "Positive")
 
@@ -184,7 +187,7 @@ def train_steps(model, loader, steps: int, frozen: bool, channels_last: bool,
         while n > 0:
             for batch in loader:
                 x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-                x = model.pre.model_input(x)
+                x = model_input(model.pre, x)
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=gpu):
@@ -226,7 +229,7 @@ class PlainLabelled(PlainFiles):
 def bench_training(files: list[Path], checkpoint: Path, workers: int, steps: int, epochs: int,
                    device: torch.device = torch.device("cpu"), batch: int = 32) -> dict:
     gpu = device.type == "cuda"
-    model = load_model(checkpoint).to(device)
+    model = load_model(checkpoint, trainable=True).to(device)
     pre = model.pre
     plain_loader = DataLoader(PlainLabelled(files, pre), batch_size=batch, num_workers=workers, shuffle=True,
                               pin_memory=gpu, persistent_workers=workers > 0)
@@ -347,7 +350,7 @@ def main() -> int:
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--out", default=None, help=OUT_HELP)
     args = ap.parse_args()
-    args.out = str(out_path(args.out, "run"))  # resolved once: every write goes to one file
+    args.out = str(results_path(args.out, "run"))  # resolved once: every write goes to one file
 
     device = torch.device(args.device)
     if device.type == "cpu":

@@ -8,7 +8,7 @@ Starts ``serve.py`` in its own process. Each client sends one patch per request
 request count or time bound is reached. Reports images/s, p50/p95 latency, errors,
 the server's peak memory, and the images/s of predict.py's Predictor (1 decode worker,
 batch 32, ONNX Runtime on a CPU) over the same files in the same run, then one
-``/v1/localize`` of a ~12-megapixel photo. Writes bench/serve_load.json and .md.
+``/v1/localize`` of a ~12-megapixel photo. Writes results/serve_load/serve_load.json and .md.
 """
 from __future__ import annotations
 
@@ -26,11 +26,11 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from harness import OUT_HELP, hardware, out_path  # noqa: E402
-from crack_lightning.images import is_image_file  # noqa: E402
-from crack_lightning.io import write_results  # noqa: E402
-from crack_lightning.predict import Predictor  # noqa: E402
+from crack_lightning.data.images import is_image_file
+from crack_lightning.files import RESULTS_HELP as OUT_HELP
+from crack_lightning.files import results_path, write_results
+from crack_lightning.hardware import machine as hardware
+from crack_lightning.inference.predictor import Predictor
 
 
 def rss_mb(pid: int, field: str = "VmHWM") -> float:
@@ -111,7 +111,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=20.0, help="at most this long per level")
     ap.add_argument("--out", default=None, help=OUT_HELP)
     args = ap.parse_args()
-    args.out = str(out_path(args.out, "serve_load"))  # resolved once: every write goes to one file
+    args.out = str(results_path(args.out, "serve_load"))  # resolved once: every write goes to one file
 
     paths = sorted(p for p in Path(args.data).rglob("*") if is_image_file(p))
     if not paths:

@@ -11,9 +11,9 @@ from __future__ import annotations
 __version__ = "0.3.0"
 
 _API = {
-    "CrackClassifier": "model", "CrackDataModule": "data", "Predictor": "predict", "load_model": "checkpoint",
-    "save_release": "checkpoint", "localize": "localize", "decode_image": "images", "create_app": "server",
-    "load_config": "config", "train": "training",
+    "CrackClassifier": "models.classifier", "CrackDataModule": "data.datamodule", "Predictor": "inference.predictor",
+    "load_model": "models.checkpoint", "save_release": "models.checkpoint", "localize": "inference.localize",
+    "decode_image": "data.images", "create_app": "serve.app", "load_config": "config.files", "train": "training.recipe",
 }
 
 __all__ = ["__version__", *_API]

@@ -11,8 +11,6 @@ import logging
 import re
 import warnings
 
-from lightning.pytorch.callbacks import TQDMProgressBar
-
 _CHATTER = re.compile(
     r"💡 Tip|GPU available:|TPU available:|HPU available:|IPU available:|was configured so|"
     r"LOCAL_RANK: \d+ - CUDA_VISIBLE_DEVICES|Initializing distributed:|distributed_backend=")
@@ -58,12 +56,3 @@ def quiet_lightning() -> None:
             logger.addFilter(_FILTER)
     for pattern in _IGNORED_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
-
-
-class ProgressBar(TQDMProgressBar):
-    """Lightning's bar without the logger's version number (``v_num=ozen`` for a stage's folder)."""
-
-    def get_metrics(self, trainer, pl_module):  # noqa: D102 - Lightning's hook
-        metrics = super().get_metrics(trainer, pl_module)
-        metrics.pop("v_num", None)
-        return metrics

@@ -6,16 +6,17 @@ import io
 import os
 import signal
 import subprocess
-import tempfile
 import sys
+import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
-# ONNX exports are cached on disk (crack_lightning.engine): the tests use a cache of their own
+# ONNX exports are cached on disk (crack_lightning.models.runtime): the tests use a cache of their own
 os.environ.setdefault("CRACK_LIGHTNING_CACHE", tempfile.mkdtemp(prefix="crack_lightning_test_cache_"))
 SAMPLE = ROOT / "data" / "sample"
 
@@ -50,16 +51,33 @@ def run_cli(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: int 
                           timeout=timeout)
 
 
-def run_main(script: str, *args: str) -> subprocess.CompletedProcess:
+# a training run in seconds: the bundled quickstart config, no pretrained weights, 32 px, few images per batch
+TINY = ["--config", str(ROOT / "configs/quickstart.yaml"), "--model.pretrained", "none", "--model.image_size", "32",
+        "--data.num_workers", "0", "--data.batch_size", "4", "--trainer.enable_progress_bar", "false",
+        "--data.val_fraction", "0.25", "--data.test_fraction", "0.25", "--train.cache_features", "false"]
+
+
+class Ran(NamedTuple):
+    """What a command did, as :class:`subprocess.CompletedProcess` names it (and unpacks as a tuple)."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_main(script: str, *args, cwd: Path | None = ROOT) -> Ran:
     """Run ``train.py`` / ``predict.py`` in this process, exactly as the script does (``guarded``):
     the exit code and what the user reads, without a Python start-up per check. Cases that need
-    a real process (signals, DDP, environment read at import) use :func:`run_cli`."""
-    from crack_lightning.cli import guarded, predict_main, train_main
+    a real process (signals, DDP, environment read at import) use :func:`run_cli`. ``cwd``: the folder it
+    runs in (``None``: the test's own)."""
+    from crack_lightning.cli.guard import guarded
+    from crack_lightning.cli.predict import predict_main
+    from crack_lightning.cli.train import train_main
 
     main = {"train.py": train_main, "predict.py": predict_main}[Path(script).name]
     out, err = io.StringIO(), io.StringIO()
-    cwd, sigterm = os.getcwd(), signal.getsignal(signal.SIGTERM)
-    os.chdir(ROOT)
+    back, sigterm = os.getcwd(), signal.getsignal(signal.SIGTERM)
+    os.chdir(cwd or back)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
@@ -67,9 +85,17 @@ def run_main(script: str, *args: str) -> subprocess.CompletedProcess:
             except SystemExit as exc:  # argparse's usage errors
                 code = exc.code
     finally:
-        os.chdir(cwd)
+        os.chdir(back)
         signal.signal(signal.SIGTERM, sigterm)
-    return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
+    return Ran(code, out.getvalue(), err.getvalue())
+
+
+def one_error(code: int, err: str) -> str:
+    """The one ``error:`` line a user mistake prints (exit 2, no traceback)."""
+    assert code == 2, err[-2000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    return lines[0]
 
 
 @pytest.fixture

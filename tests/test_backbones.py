@@ -10,14 +10,16 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from conftest import ROOT, make_folder, run_cli
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from crack_lightning.checkpoint import load_model, save_release
-from crack_lightning.config import DataConfig
-from crack_lightning.data import CrackDataModule, scan, split_records
-from crack_lightning.model import CrackClassifier
-from crack_lightning.predict import Predictor
-from conftest import ROOT, make_folder, run_cli
+from crack_lightning.config.schema import DataConfig
+from crack_lightning.data.datamodule import CrackDataModule
+from crack_lightning.data.scan import scan
+from crack_lightning.data.split import split_records
+from crack_lightning.inference.predictor import Predictor
+from crack_lightning.models.checkpoint import load_model, save_release
+from crack_lightning.models.classifier import CrackClassifier
 
 FAMILIES = ["mobilenetv3_large_100", "tf_efficientnet_lite0", "resnet18", "convnext_atto"]
 
@@ -100,7 +102,7 @@ def test_hub_weights_in_the_local_cache_load_offline(tmp_path, monkeypatch):
     import timm
     from safetensors.torch import save_file
 
-    from crack_lightning.weights import create_pretrained
+    from crack_lightning.models.components.pretrained import create_pretrained
 
     ref = timm.create_model("mobilenetv3_large_100")
     repo = ref.pretrained_cfg["hf_hub_id"]

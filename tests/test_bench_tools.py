@@ -3,6 +3,7 @@ import importlib.util
 import json
 import tarfile
 
+import pytest
 from conftest import ROOT, SAMPLE, run_cli
 
 
@@ -43,6 +44,7 @@ def test_pack_data_from_split_keeps_only_the_listed_splits(tmp_path):
     assert mod.select(other, split, ["train"], 1) == other
 
 
+@pytest.mark.slow
 def test_bench_run_measures_every_row_and_writes_json_and_table(tmp_path):
     """A tiny CPU run of the one benchmark command: every figure present, positive, consistent."""
     out = tmp_path / "results.json"
@@ -64,6 +66,7 @@ def test_bench_run_measures_every_row_and_writes_json_and_table(tmp_path):
     assert "device_resize" not in r  # the GPU check runs only on a GPU
 
 
+@pytest.mark.slow
 def test_bench_loader_rates_every_way_of_shipping(tmp_path):
     out = tmp_path / "loader.json"
     res = run_cli("bench/loader.py", "--images", "24", "--batch", "8", "--workers", "0", "1", "--out", str(out))
@@ -77,6 +80,7 @@ def test_bench_loader_rates_every_way_of_shipping(tmp_path):
     assert "| deferred |" in out.with_suffix(".md").read_text()
 
 
+@pytest.mark.slow
 def test_bench_compile_compares_eager_compiled_and_onnxruntime(tmp_path):
     """Inference rows only (compiling the training step costs CI a minute more): every row
     measured, the speed-up and pay-back derived from the measured rates."""
@@ -99,11 +103,11 @@ def test_bench_compile_compares_eager_compiled_and_onnxruntime(tmp_path):
 
 def test_interpolate_tool_mixes_a_finished_run_and_rechooses_its_threshold(trained_run, tmp_path, capsys):
     """tools/interpolate.py: a finished run averaged with its start, re-thresholded on its own
-    validation split, written as a run folder that predict.py and bench/loso.py take."""
+    validation split, written as a run folder that predict.py and experiments/loso.py take."""
     import torch
-
-    from crack_lightning.checkpoint import load_model, save_release
     from conftest import run_main
+
+    from crack_lightning.models.checkpoint import load_model, save_release
 
     spec = importlib.util.spec_from_file_location("interpolate_tool", ROOT / "tools" / "interpolate.py")
     tool = importlib.util.module_from_spec(spec)

@@ -6,7 +6,6 @@ import cv2
 import numpy as np
 import pytest
 import torch
-
 from conftest import SAMPLE, run_main
 
 
@@ -98,7 +97,7 @@ def test_calibration_over_tiles_silences_every_tile_of_a_site_photo(trained_run,
 def test_head_refit_separates_a_new_kind_of_negative_and_keeps_the_anchors():
     """refit_linear on features where the trained head calls a site's crack-free texture a crack:
     afterwards that texture scores below 0.5 and the training anchors are still classified right."""
-    from crack_lightning.calibrate import refit_linear
+    from crack_lightning.models.anchors import refit_linear
 
     g = torch.Generator().manual_seed(0)
     d = 16
@@ -162,7 +161,7 @@ def test_anchors_tool_recomputes_what_training_stored(trained_run, tmp_path, cap
 
     from conftest import ROOT
 
-    from crack_lightning.checkpoint import load_model, save_release
+    from crack_lightning.models.checkpoint import load_model, save_release
 
     bare = load_model(trained_run / "model.pt")
     bare.meta.pop("site_anchors")

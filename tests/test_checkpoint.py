@@ -4,8 +4,9 @@ import pickle
 import pytest
 import torch
 
-from crack_lightning.checkpoint import CheckpointError, load_model, read_checkpoint, save_release
-from crack_lightning.model import CrackClassifier
+from crack_lightning.errors import CheckpointError
+from crack_lightning.models.checkpoint import load_model, read_checkpoint, save_release
+from crack_lightning.models.classifier import CrackClassifier
 
 
 class Payload:
@@ -77,9 +78,9 @@ def test_other_architecture_is_refused(tmp_path):
 def test_release_file_loads_with_load_from_checkpoint_offline():
     """The shipped release is a checkpoint Lightning users load the usual way, with no network and
     no weights file; weights_only-safe (torch.load's default in Lightning for this file)."""
-    from crack_lightning import CrackClassifier
-
     from conftest import ROOT
+
+    from crack_lightning import CrackClassifier
 
     path = ROOT / "models" / "crack_lite0.pt"
     m = CrackClassifier.load_from_checkpoint(path, map_location="cpu").eval()
@@ -117,10 +118,10 @@ def test_released_models_on_the_bundled_sample(name, threshold):
     """Both releases (the default and the field model), as predict.py runs them, on data/sample (200
     Mendeley patches; some may have been in their training split, so this guards the files and the
     pipeline, not generalisation). The field model loads offline the Lightning way too."""
-    from crack_lightning import CrackClassifier
-    from crack_lightning.predict import Predictor, compare
-
     from conftest import ROOT, SAMPLE
+
+    from crack_lightning import CrackClassifier
+    from crack_lightning.inference.predictor import Predictor, compare
 
     m = CrackClassifier.load_from_checkpoint(ROOT / "models" / name, map_location="cpu")
     assert m.hparams.pretrained == "none" and float(m.threshold) == pytest.approx(threshold, abs=1e-4)

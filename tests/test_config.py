@@ -1,8 +1,9 @@
 import pytest
 import yaml
-
-from crack_lightning.config import ConfigError, dump_yaml, load_config, parse_overrides
 from conftest import ROOT, run_cli, run_main
+
+from crack_lightning.config.files import dump_yaml, load_config, parse_overrides
+from crack_lightning.errors import ConfigError
 
 
 def write(tmp_path, text):
@@ -62,7 +63,8 @@ def test_bad_override_syntax():
 
 def test_dump_roundtrip():
     """The resolved config a run writes reads back to the same config, every key included."""
-    from crack_lightning.config import from_dict, to_dict
+    from crack_lightning.config.files import to_dict
+    from crack_lightning.config.parser import from_dict
 
     cfg = load_config(ROOT / "configs/base.yaml", [("data.extra_roots", "a,b"), ("run_name", "off")])
     text = dump_yaml(cfg)
@@ -89,7 +91,7 @@ def test_cli_print_config_and_errors():
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
     """Every shipped file loads, and every key it sets arrives with the value written (no silent default)."""
-    from crack_lightning.config import to_dict
+    from crack_lightning.config.files import to_dict
 
     raw = yaml.safe_load(path.read_text())
     resolved = to_dict(load_config(path))
@@ -122,7 +124,7 @@ def test_a_config_mistake_is_reported_without_importing_torch():
     import subprocess
     import sys
 
-    code = ("import sys; from crack_lightning.cli import guarded, train_main; "
+    code = ("import sys; from crack_lightning.cli.guard import guarded; from crack_lightning.cli.train import train_main; "
             "rc = guarded(lambda: train_main(['--data.bogus', '1'])); "
             "print(rc, 'torch' in sys.modules, 'lightning' in sys.modules)")
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
@@ -136,25 +138,26 @@ def test_a_config_mistake_is_reported_without_importing_torch():
 
     import lightning as L
 
-    from crack_lightning.config import TRAINER_ARGS
+    from crack_lightning.config.parser import trainer_argument_names
 
-    assert list(TRAINER_ARGS) == [n for n in inspect.signature(L.Trainer.__init__).parameters if n != "self"]
-    from crack_lightning.errors import UserError
-    from crack_lightning.checkpoint import CheckpointError
-    from crack_lightning.images import BadImageError
+    assert list(trainer_argument_names()) == [n for n in inspect.signature(L.Trainer.__init__).parameters
+                                              if n != "self"]
+    from crack_lightning.errors import BadImageError, CheckpointError, UserError
 
     assert issubclass(CheckpointError, UserError) and issubclass(BadImageError, UserError)
 
 
-def test_help_lists_every_key_with_type_and_default():
+def test_help_lists_every_key_with_type_default_and_description():
     """--help comes from the parsers: every key of the recipe's sections and every lightning.Trainer
-    argument, each with its type and default; docs/configuration.md is the same text, up to date."""
+    argument, each with its type, default and a description (the sections' docstrings; Lightning's own);
+    docs/configuration.md and the stored Trainer help are the same text, up to date."""
     import dataclasses
     import inspect
 
     import lightning as L
 
-    from crack_lightning.config import SECTIONS, TOP_LEVEL, TRAINER_OWNED
+    from crack_lightning.config.parser import TRAINER_OWNED
+    from crack_lightning.config.schema import SECTIONS, TOP_LEVEL
 
     res = run_main("train.py", "--help")
     assert res.returncode == 0
@@ -172,8 +175,12 @@ def test_help_lists_every_key_with_type_and_default():
     expected |= trainer - {f"--trainer.{n}" for n in TRAINER_OWNED}
     assert expected <= listed, sorted(expected - listed)
     text = " ".join(res.stdout.split())
-    assert "--train.frozen.epochs EPOCHS (type: int, default: 10)" in text
-    assert "--model.pretrained {timm,lite0,none} (type: Literal['timm', 'lite0', 'none'], default: lite0)" in text
+    assert "--train.frozen.epochs EPOCHS most epochs of this stage (early stopping may end it sooner) " \
+           "(type: int, default: 10)" in text
+    assert "--model.pretrained {timm,lite0,none} ImageNet weights from timm's hub" in text
+    assert "(type: Literal['timm', 'lite0', 'none'], default: lite0)" in text
+    undescribed = [k for k in sorted(expected) if f"{k} {k.rsplit('.', 1)[-1].upper()} (type:" in text]
+    assert not undescribed, undescribed
     assert "--trainer.gradient_clip_val" in listed and "--trainer.accumulate_grad_batches" in listed
     assert "--trainer.devices DEVICES" in text and "default: 1)" in text.split("--trainer.devices DEVICES")[1][:600]
     check = run_cli("tools/config_reference.py", "--check")

@@ -3,13 +3,17 @@ from collections import defaultdict
 
 import pytest
 import torch
-
-from crack_lightning.config import DataConfig
-from crack_lightning.images import BadImageError
-from crack_lightning.data import (CrackDataModule, DataError, check_no_leak, label_conflicts, make_loader,
-                                  read_split_csv, scan, split_records, write_split_csv)
-from crack_lightning.transforms import Preprocessing
 from conftest import make_folder
+
+from crack_lightning.config.schema import DataConfig
+from crack_lightning.contract import Preprocessing
+from crack_lightning.data.datamodule import CrackDataModule
+from crack_lightning.data.loaders import make_loader
+from crack_lightning.data.records import read_split_csv, write_split_csv
+from crack_lightning.data.scan import scan
+from crack_lightning.data.split import check_no_leak, label_conflicts, split_records
+from crack_lightning.errors import BadImageError, DataError
+from crack_lightning.tensor_ops import model_input
 
 CLASSES = ["Negative", "Positive"]
 
@@ -130,18 +134,18 @@ def test_datamodule_device_normalize_ships_uint8(tmp_path):
     raw, y_raw = next(iter(CrackDataModule(cfg, records, pre, device_normalize=True).val_dataloader()))[:2]
     ref, y_ref = next(iter(CrackDataModule(cfg, records, pre).val_dataloader()))[:2]
     assert raw.dtype == torch.uint8 and raw.shape == (4, 48, 48, 3) and torch.equal(y_raw, y_ref)
-    assert torch.allclose(pre.model_input(raw), ref, atol=1e-5)
+    assert torch.allclose(model_input(pre, raw), ref, atol=1e-5)
     deferred = next(iter(CrackDataModule(cfg, records, pre, device_normalize=True,
                                          defer_resize=True).val_dataloader())).x
     assert deferred.shape == (4, 64, 64, 3)  # the 64 px files travel as they are; the device resizes
-    assert torch.equal(pre.model_input(deferred), pre.model_input(raw))
+    assert torch.equal(model_input(pre, deferred), model_input(pre, raw))
 
 
 def test_one_dataset_serves_records_paths_shifts_and_unreadable_files(tmp_path):
     """ImageDataset + Batches are the one item/batch format of training, prediction and robustness:
     records keep their labels, plain paths get -1, ``before`` alters the decoded image, and with
     ``tolerant`` an unreadable file becomes an error entry of the batch instead of an exception."""
-    from crack_lightning.data import Batches, ImageDataset
+    from crack_lightning.data.loaders import Batches, ImageDataset
 
     records = scan(make_folder(tmp_path / "d", n_per_class=2), CLASSES)[0]
     broken = tmp_path / "broken.jpg"
@@ -187,9 +191,10 @@ def test_loader_workers_run_opencv_single_threaded():
 def test_datamodule_prepares_once_and_sets_up_from_the_split(tmp_path, monkeypatch):
     """prepare_data scans and splits once into split.csv; setup reads it; a second prepare_data (a resumed
     run, a DDP worker, Lightning's own call) keeps it."""
-    from crack_lightning import data as data_mod
-    from crack_lightning.config import DataConfig
-    from crack_lightning.data import CrackDataModule, DataError
+    from crack_lightning.config.schema import DataConfig
+    from crack_lightning.data import split as data_mod
+    from crack_lightning.data.datamodule import CrackDataModule
+    from crack_lightning.errors import DataError
 
     root = make_folder(tmp_path / "d", n_per_class=8)
     cfg = DataConfig(root=str(root), val_fraction=0.25, test_fraction=0.25, num_workers=0, batch_size=4)
@@ -216,8 +221,9 @@ def test_copies_across_sources_share_a_split_and_conflicts_across_sources_are_dr
     dropped, as within one root."""
     import shutil
 
-    from crack_lightning.config import DataConfig
-    from crack_lightning.data import check_no_leak, scan_sources, split_records
+    from crack_lightning.config.schema import DataConfig
+    from crack_lightning.data.scan import scan_sources
+    from crack_lightning.data.split import check_no_leak, split_records
 
     a = make_folder(tmp_path / "a", n_per_class=10, seed=1)
     b = make_folder(tmp_path / "b", n_per_class=10, seed=2)

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from crack_lightning import engine
-from crack_lightning.export import ProbabilityModel
-from crack_lightning.model import CrackClassifier
+from crack_lightning.inference.export import ProbabilityModel
+from crack_lightning.models import runtime as engine
+from crack_lightning.models.classifier import CrackClassifier
 
 
 def test_engine_policy():

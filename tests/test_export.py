@@ -6,11 +6,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-
-from crack_lightning.checkpoint import load_model
-from crack_lightning.images import decode_image
-from crack_lightning.transforms import preprocess_batch
 from conftest import SAMPLE, run_main
+
+from crack_lightning.data.images import decode_image
+from crack_lightning.data.transforms import preprocess_batch
+from crack_lightning.models.checkpoint import load_model
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def test_predict_with_onnx_matches_pytorch(trained_run, exported, tmp_path):
 
 def test_cached_feature_engines_agree(trained_run):
     """The ONNX Runtime backbone used for the feature cache gives PyTorch's features."""
-    from crack_lightning.training import feature_extractor
+    from crack_lightning.training.features import feature_extractor
 
     model = load_model(trained_run / "checkpoints/frozen/best.ckpt")
     x = real_batch(model.pre)

@@ -19,36 +19,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, SAMPLE, TINY, make_folder, one_error, run_main
 from PIL import Image
 
-from crack_lightning.checkpoint import save_release
-from crack_lightning.cli import guarded, predict_main, train_main
-from crack_lightning.data import read_split_csv
-from crack_lightning.images import BadImageError, decode_image
-from crack_lightning.io import csv_text, csv_value, path_from_csv
-from crack_lightning.model import CrackClassifier
-from conftest import ROOT, SAMPLE, make_folder
+from crack_lightning.cli.guard import guarded
+from crack_lightning.cli.predict import predict_main
+from crack_lightning.data.images import decode_image
+from crack_lightning.data.records import read_split_csv
+from crack_lightning.errors import BadImageError
+from crack_lightning.files import csv_text, csv_value, path_from_csv
+from crack_lightning.models.checkpoint import save_release
+from crack_lightning.models.classifier import CrackClassifier
 
-TINY = ["--config", str(ROOT / "configs/quickstart.yaml"), "--model.pretrained", "none", "--model.image_size", "32",
-        "--data.num_workers", "0", "--data.batch_size", "4", "--trainer.enable_progress_bar", "false",
-        "--data.val_fraction", "0.25", "--data.test_fraction", "0.25", "--train.cache_features", "false",
-        "--train.frozen.epochs", "2"]
+TRAIN = [*TINY, "--train.frozen.epochs", "2"]  # the tiny run, two epochs
 POS = sorted((SAMPLE / "Positive").glob("*.jpg"))
 NEG = sorted((SAMPLE / "Negative").glob("*.jpg"))
-
-
-def run(main, argv, capsys):
-    """(exit code, stdout, stderr) of a command run in-process, as its script runs it."""
-    code = guarded(lambda: main([str(a) for a in argv]))
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def one_error(code, err) -> str:
-    assert code == 2, err[-2000:]
-    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
-    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +60,8 @@ def edited(tiny_model, tmp_path, **changes) -> Path:
     return out
 
 
-def predict(capsys, tiny_model, *argv):
-    return run(predict_main, ["--checkpoint", tiny_model, "--engine", "torch", "--workers", "0", *argv], capsys)
+def predict(tiny_model, *argv):
+    return run_main("predict.py", "--checkpoint", tiny_model, "--engine", "torch", "--workers", "0", *argv, cwd=None)
 
 
 # ---- predict.py never writes over what it was given ------------------------------------------------
@@ -84,7 +69,7 @@ def test_output_equal_to_an_input_image_is_refused(tmp_path, capsys, tiny_model)
     img = tmp_path / "a.jpg"
     shutil.copy(POS[0], img)
     before = img.read_bytes()
-    line = one_error(*predict(capsys, tiny_model, img, "--output", img)[::2])
+    line = one_error(*predict(tiny_model, img, "--output", img)[::2])
     assert "is one of the inputs" in line and img.read_bytes() == before
 
 
@@ -92,21 +77,21 @@ def test_output_equal_to_the_checkpoint_is_refused(tmp_path, capsys, tiny_model)
     ckpt = tmp_path / "model.pt"
     shutil.copy(tiny_model, ckpt)
     before = ckpt.read_bytes()
-    line = one_error(*predict(capsys, ckpt, POS[0], "--output", ckpt)[::2])
+    line = one_error(*predict(ckpt, POS[0], "--output", ckpt)[::2])
     assert "is one of the inputs" in line and ckpt.read_bytes() == before
 
 
 def test_existing_file_not_ours_is_not_replaced(tmp_path, capsys, tiny_model):
     notes = tmp_path / "notes.csv"
     notes.write_text("name,phone\nann,123\n")
-    line = one_error(*predict(capsys, tiny_model, POS[0], "--output", notes)[::2])
+    line = one_error(*predict(tiny_model, POS[0], "--output", notes)[::2])
     assert "was not written by crack_lightning" in line and notes.read_text() == "name,phone\nann,123\n"
 
 
 def test_existing_predictions_are_replaced(tmp_path, capsys, tiny_model):
     out = tmp_path / "preds.csv"
-    assert predict(capsys, tiny_model, POS[0], "--output", out)[0] == 0
-    assert predict(capsys, tiny_model, POS[0], POS[1], "--output", out)[0] == 0
+    assert predict(tiny_model, POS[0], "--output", out)[0] == 0
+    assert predict(tiny_model, POS[0], POS[1], "--output", out)[0] == 0
     assert len(out.read_text().splitlines()) == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["preds.csv", "preds.metrics.json"]  # no temporary file
 
@@ -120,7 +105,7 @@ def test_existing_predictions_are_replaced(tmp_path, capsys, tiny_model):
 def test_output_problems_are_found_before_any_work(tmp_path, capsys, tiny_model, make, flag, expected):
     target = make(tmp_path / "o")
     argv = [POS[0]] + ([] if flag == "--output" else ["--output", tmp_path / "p.csv"]) + [flag, target]
-    line = one_error(*predict(capsys, tiny_model, *argv)[::2])
+    line = one_error(*predict(tiny_model, *argv)[::2])
     assert expected in line
     assert not (tmp_path / "p.csv").exists()
 
@@ -128,19 +113,19 @@ def test_output_problems_are_found_before_any_work(tmp_path, capsys, tiny_model,
 def test_export_into_a_file_or_over_its_own_model_is_refused(tmp_path, capsys, tiny_model):
     blocker = tmp_path / "export"
     blocker.write_text("x")
-    line = one_error(*run(predict_main, ["--checkpoint", tiny_model, "--export", blocker], capsys)[::2])
+    line = one_error(*run_main("predict.py", "--checkpoint", tiny_model, "--export", blocker)[::2])
     assert "is a file, not a folder" in line
     out = tmp_path / "exp"
-    assert run(predict_main, ["--checkpoint", tiny_model, "--export", out], capsys)[0] == 0
+    assert run_main("predict.py", "--checkpoint", tiny_model, "--export", out)[0] == 0
     onnx_before = (out / "model.onnx").read_bytes()
-    line = one_error(*run(predict_main, ["--checkpoint", out / "model.onnx", "--export", out], capsys)[::2])
+    line = one_error(*run_main("predict.py", "--checkpoint", out / "model.onnx", "--export", out)[::2])
     assert "is one of the inputs" in line and (out / "model.onnx").read_bytes() == onnx_before
 
 
 def test_localize_output_must_be_a_folder(tmp_path, capsys, tiny_model):
     f = tmp_path / "loc"
     f.write_text("x")
-    assert "must be a folder" in one_error(*predict(capsys, tiny_model, "--localize", POS[0], "--output", f)[::2])
+    assert "must be a folder" in one_error(*predict(tiny_model, "--localize", POS[0], "--output", f)[::2])
 
 
 def test_full_disk_ends_with_one_line_and_keeps_the_old_output(tmp_path, tiny_model):
@@ -151,7 +136,7 @@ def test_full_disk_ends_with_one_line_and_keeps_the_old_output(tmp_path, tiny_mo
     old = out.read_bytes()
     many = [str(p) for p in POS[:40]]
     code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (300, 300)); "
-            "from crack_lightning.cli import guarded, predict_main; "
+            "from crack_lightning.cli.guard import guarded; from crack_lightning.cli.predict import predict_main; "
             "sys.exit(guarded(lambda: predict_main(sys.argv[1:])))")
     res = subprocess.run([sys.executable, "-c", code, "--checkpoint", str(tiny_model), "--engine", "torch",
                           "--workers", "0", *many, "--output", str(out)], cwd=ROOT, capture_output=True, text=True,
@@ -170,7 +155,7 @@ def test_non_utf8_and_formula_names_round_trip_through_the_csv(tmp_path, capsys,
     shutil.copy(POS[1], folder / "=HYPERLINK(1).jpg")
     out = tmp_path / "preds.csv"
     monkeypatch.chdir(folder)  # relative inputs: the path cell starts with the name itself
-    code, stdout, _ = predict(capsys, tiny_model, *sorted(os.listdir(".")), "--output", out)
+    code, stdout, _ = predict(tiny_model, *sorted(os.listdir(".")), "--output", out)
     assert code == 0
     text = out.read_bytes().decode("utf-8")  # valid UTF-8 throughout
     rows = list(csv.DictReader(io.StringIO(text)))
@@ -185,14 +170,14 @@ def test_non_utf8_names_in_localize_and_training(tmp_path, capsys, tiny_model):
     photo = os.fsdecode(bytes(tmp_path) + b"/site_\xff.png")
     Image.fromarray(np.concatenate([decode_image(POS[0]), decode_image(NEG[0])], 1)).save(photo)
     out = tmp_path / "loc"
-    code, stdout, _ = predict(capsys, tiny_model, "--localize", photo, "--output", out)
+    code, stdout, _ = predict(tiny_model, "--localize", photo, "--output", out)
     assert code == 0 and "site_\\xff.png" in stdout
     summary = (out / "summary.csv").read_text(encoding="utf-8")
     assert path_from_csv(list(csv.DictReader(io.StringIO(summary)))[0]["photo"]) == photo
     data = make_folder(tmp_path / "d", n_per_class=4)
     os.rename(data / "Positive" / "Pos_000.jpg", os.fsdecode(bytes(data) + b"/Positive/\xff=odd.jpg"))
-    code, _, err = run(train_main, [*TINY, "--data.root", data, "--output_dir", tmp_path / "runs", "--run_name", "r",
-                                    "--train.frozen.epochs", "1"], capsys)
+    code, _, err = run_main("train.py", *TRAIN, "--data.root", data, "--output_dir", tmp_path / "runs", "--run_name", "r",
+                                    "--train.frozen.epochs", "1")
     assert code == 0, err[-2000:]
     assert all(os.path.exists(r.path) for r in read_split_csv(tmp_path / "runs/r/split.csv"))
 
@@ -213,7 +198,7 @@ def test_csv_text_rule_is_reversible():
     ({"backbone": "no_such_net"}, "unknown timm model"),
 ])
 def test_hand_edited_checkpoints_are_refused(tmp_path, capsys, tiny_model, changes, expected):
-    line = one_error(*predict(capsys, edited(tiny_model, tmp_path, **changes), POS[0], "--output",
+    line = one_error(*predict(edited(tiny_model, tmp_path, **changes), POS[0], "--output",
                               tmp_path / "p.csv")[::2])
     assert expected in line
     assert not (tmp_path / "p.csv").exists()
@@ -221,7 +206,7 @@ def test_hand_edited_checkpoints_are_refused(tmp_path, capsys, tiny_model, chang
 
 def test_a_bad_stored_threshold_can_be_overridden(tmp_path, capsys, tiny_model):
     ckpt = edited(tiny_model, tmp_path, threshold=float("nan"))
-    assert predict(capsys, ckpt, POS[0], "--output", tmp_path / "p.csv", "--threshold", "0.5")[0] == 0
+    assert predict(ckpt, POS[0], "--output", tmp_path / "p.csv", "--threshold", "0.5")[0] == 0
 
 
 @pytest.fixture(scope="module")
@@ -246,8 +231,7 @@ def test_damaged_exports_are_refused(exported, tmp_path, capsys, damage, expecte
     d = tmp_path / "exp"
     shutil.copytree(exported, d)
     damage(d)
-    line = one_error(*run(predict_main, ["--checkpoint", d / "model.onnx", POS[0], "--output", tmp_path / "p.csv"],
-                          capsys)[::2])
+    line = one_error(*run_main("predict.py", "--checkpoint", d / "model.onnx", POS[0], "--output", tmp_path / "p.csv")[::2])
     assert expected in line
 
 
@@ -255,7 +239,7 @@ def test_damaged_exports_are_refused(exported, tmp_path, capsys, damage, expecte
 def test_unavailable_device_is_one_line(tmp_path, capsys, tiny_model, device, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same answer on a machine with a GPU
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
-    assert "--device" in one_error(*predict(capsys, tiny_model, POS[0], "--device", device, "--output",
+    assert "--device" in one_error(*predict(tiny_model, POS[0], "--device", device, "--output",
                                             tmp_path / "p.csv")[::2])
 
 
@@ -266,11 +250,11 @@ def test_a_gpu_asked_of_a_machine_without_one_is_one_line_before_any_work(tmp_pa
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same answer on a machine with a GPU
     monkeypatch.setattr(CUDAAccelerator, "is_available", staticmethod(lambda: False))
-    line = one_error(*predict(capsys, tiny_model, POS[0], "--accelerator", "gpu", "--devices", "1", "--output",
+    line = one_error(*predict(tiny_model, POS[0], "--accelerator", "gpu", "--devices", "1", "--output",
                               tmp_path / "p.csv")[::2])
     assert line.startswith("error: --accelerator gpu --devices 1:") and "use --accelerator cpu" in line
-    code, out, err = run(train_main, [*TINY, "--data.root", SAMPLE, "--output_dir", tmp_path / "runs",
-                                      "--trainer.accelerator", "gpu"], capsys)
+    code, out, err = run_main("train.py", *TRAIN, "--data.root", SAMPLE, "--output_dir", tmp_path / "runs",
+                                      "--trainer.accelerator", "gpu")
     assert "use --trainer.accelerator cpu" in one_error(code, err)
     assert "split:" not in out  # no data was scanned
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # no run folder left
@@ -326,7 +310,7 @@ def damaged_images(tmp_path) -> dict[str, Path]:
 def test_damaged_images_become_error_rows(tmp_path, capsys, tiny_model):
     files = damaged_images(tmp_path)
     out = tmp_path / "p.csv"
-    code, _, err = predict(capsys, tiny_model, *files.values(), POS[0], "--output", out)
+    code, _, err = predict(tiny_model, *files.values(), POS[0], "--output", out)
     assert code == 1 and "Traceback" not in err
     rows = {Path(r["path"]).name: r for r in csv.DictReader(out.open(encoding="utf-8"))}
     assert rows[POS[0].name]["error"] == "" and rows[POS[0].name]["probability"]
@@ -340,8 +324,8 @@ def test_damaged_images_are_skipped_in_training(tmp_path, capsys):
     data = make_folder(tmp_path / "d", n_per_class=4)
     for path in damaged_images(tmp_path).values():
         shutil.copy(path, data / "Positive" / path.name)
-    code, out, err = run(train_main, [*TINY, "--data.root", data, "--output_dir", tmp_path / "runs", "--run_name", "r",
-                                      "--train.frozen.epochs", "1"], capsys)
+    code, out, err = run_main("train.py", *TRAIN, "--data.root", data, "--output_dir", tmp_path / "runs", "--run_name", "r",
+                                      "--train.frozen.epochs", "1")
     assert code == 0, err[-2000:]
     with open(tmp_path / "runs/r/bad_images.csv", encoding="utf-8") as f:
         assert len(list(csv.DictReader(f))) == 5
@@ -395,8 +379,7 @@ def test_one_class_left_after_conflicts_is_refused(tmp_path, capsys):
     data = make_folder(tmp_path / "d", n_per_class=10)
     for p in (data / "Negative").iterdir():
         shutil.copy(p, data / "Positive" / f"copy_{p.name}")
-    code, out, err = run(train_main, [*TINY, "--data.root", data, "--output_dir", tmp_path / "runs", "--run_name", "r"],
-                         capsys)
+    code, out, err = run_main("train.py", *TRAIN, "--data.root", data, "--output_dir", tmp_path / "runs", "--run_name", "r")
     line = one_error(code, err)
     assert "too few usable images" in line and "0 Negative" in line and "20 file(s) skipped" in line
     assert not (tmp_path / "runs" / "r").exists()
@@ -409,7 +392,7 @@ def test_presplit_root_with_an_empty_test_split_is_refused(tmp_path, capsys):
     make_folder(root / "val", n_per_class=2, seed=2)
     (root / "test" / "Negative").mkdir(parents=True)
     (root / "test" / "Positive").mkdir(parents=True)
-    line = one_error(*run(train_main, [*TINY, "--data.root", root, "--output_dir", tmp_path / "runs"], capsys)[::2])
+    line = one_error(*run_main("train.py", *TRAIN, "--data.root", root, "--output_dir", tmp_path / "runs")[::2])
     assert "test" in line and "lack a class" in line
 
 
@@ -422,45 +405,55 @@ def test_presplit_root_with_an_empty_test_split_is_refused(tmp_path, capsys):
 ])
 def test_bad_settings_are_one_line_and_leave_no_folder(tmp_path, capsys, override, expected):
     data = make_folder(tmp_path / "d", n_per_class=2)
-    line = one_error(*run(train_main, [*TINY, "--data.root", data, "--output_dir", tmp_path / "runs", *override],
-                          capsys)[::2])
+    line = one_error(*run_main("train.py", *TRAIN, "--data.root", data, "--output_dir", tmp_path / "runs", *override)[::2])
     assert expected in line and not (tmp_path / "runs").exists()
 
 
 def test_config_file_not_utf8_or_with_duplicate_keys(tmp_path, capsys):
     bad = tmp_path / "latin1.yaml"
     bad.write_bytes("data:\n  root: caf\xe9\n".encode("latin-1"))
-    assert "not a UTF-8 text file" in one_error(*run(train_main, ["--config", bad], capsys)[::2])
+    assert "not a UTF-8 text file" in one_error(*run_main("train.py", "--config", bad)[::2])
     dup = tmp_path / "dup.yaml"
     dup.write_text("data:\n  batch_size: 8\n  batch_size: 64\n")
-    assert "'batch_size' appears twice (line 3)" in one_error(*run(train_main, ["--config", dup], capsys)[::2])
+    assert "'batch_size' appears twice (line 3)" in one_error(*run_main("train.py", "--config", dup)[::2])
 
 
 def test_a_folder_in_use_by_another_run_is_refused(tmp_path, capsys):
+    """Another process holds the folder's lock: refused, naming the holder; nothing written into it."""
     run_dir = tmp_path / "runs" / "r"
     run_dir.mkdir(parents=True)
-    import socket
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run_dir)], stdout=subprocess.PIPE, text=True)
+    try:
+        pid = int(holder.stdout.readline())
+        data = make_folder(tmp_path / "d", n_per_class=2)
+        line = one_error(*run_main("train.py", *TRAIN, "--data.root", data, "--output_dir", tmp_path / "runs", "--run_name",
+                                           "r")[::2])
+        assert f"in use by another run (process {pid}" in line
+        assert sorted(p.name for p in run_dir.iterdir()) == [".lock", ".lock.json"]  # nothing of ours written
+    finally:
+        holder.kill()
+        holder.wait()
 
-    (run_dir / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": "then"}))
-    data = make_folder(tmp_path / "d", n_per_class=2)
-    line = one_error(*run(train_main, [*TINY, "--data.root", data, "--output_dir", tmp_path / "runs", "--run_name", "r"],
-                          capsys)[::2])
-    assert f"in use by another run (process {os.getpid()}" in line
-    assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]  # nothing of ours written into it
 
-
-def test_a_stale_lock_is_taken_over(tmp_path, capsys):
+def test_a_lock_whose_process_was_killed_is_no_lock(tmp_path, capsys):
+    """A run killed with SIGKILL leaves its lock file, but the kernel released the lock: the next run goes on."""
     run_dir = tmp_path / "runs" / "r"
     run_dir.mkdir(parents=True)
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    import socket
-
-    (run_dir / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout), "since": "x"}))
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run_dir)], stdout=subprocess.PIPE, text=True)
+    holder.stdout.readline()
+    holder.kill()
+    holder.wait()
+    assert (run_dir / ".lock").exists() and (run_dir / ".lock.json").exists()
     data = make_folder(tmp_path / "d", n_per_class=4)
-    code, _, err = run(train_main, [*TINY, "--data.root", data, "--output_dir", tmp_path / "runs", "--run_name", "r",
-                                    "--train.frozen.epochs", "1"], capsys)
+    code, _, err = run_main("train.py", *TRAIN, "--data.root", data, "--output_dir", tmp_path / "runs", "--run_name", "r",
+                                    "--train.frozen.epochs", "1")
     assert code == 0, err[-2000:]
     assert (run_dir / "model.pt").is_file() and not (run_dir / ".lock").exists()  # released at the end
+
+
+# a process holding a run folder's lock the way train.py does, printing its pid once it holds it
+HOLD_LOCK = ("import sys, os, time, pathlib; from crack_lightning.training.run_folder import RunLock; "
+             "lock = RunLock(pathlib.Path(sys.argv[1])); lock.acquire(); print(os.getpid(), flush=True); time.sleep(60)")
 
 
 def test_a_folder_that_is_not_a_run_is_refused(tmp_path, capsys):
@@ -468,8 +461,8 @@ def test_a_folder_that_is_not_a_run_is_refused(tmp_path, capsys):
     run_dir.mkdir(parents=True)
     (run_dir / "thesis.tex").write_text("precious")
     data = make_folder(tmp_path / "d", n_per_class=2)
-    line = one_error(*run(train_main, [*TINY, "--data.root", data, "--output_dir", tmp_path / "runs",
-                                       "--run_name", "mine"], capsys)[::2])
+    line = one_error(*run_main("train.py", *TRAIN, "--data.root", data, "--output_dir", tmp_path / "runs",
+                                       "--run_name", "mine")[::2])
     assert "is not a run" in line and sorted(p.name for p in run_dir.iterdir()) == ["thesis.tex"]
 
 
@@ -477,7 +470,7 @@ def test_a_folder_that_is_not_a_run_is_refused(tmp_path, capsys):
 def test_checkpoints_are_written_in_their_own_folder(tmp_path, monkeypatch):
     """The temporary file is made beside the checkpoint, not under $TMPDIR (where a rename across file
     systems degrades to a copy over the old file); a failing write leaves the old checkpoint intact."""
-    from crack_lightning.training import AtomicCheckpointIO
+    from crack_lightning.training.callbacks import AtomicCheckpointIO
 
     elsewhere = tmp_path / "tmpdir"
     elsewhere.mkdir()
@@ -515,16 +508,16 @@ def test_checkpoints_are_written_in_their_own_folder(tmp_path, monkeypatch):
 
 def test_resume_falls_back_to_the_newest_readable_checkpoint_and_keeps_history(tmp_path, capsys):
     data = make_folder(tmp_path / "d", n_per_class=8)
-    args = [*TINY, "--data.root", data, "--output_dir", tmp_path / "runs", "--run_name", "r",
+    args = [*TRAIN, "--data.root", data, "--output_dir", tmp_path / "runs", "--run_name", "r",
             "--train.frozen.epochs", "3", "--train.frozen.patience", "100"]
-    assert run(train_main, args, capsys)[0] == 0
+    assert run_main("train.py", *args)[0] == 0
     run_dir = tmp_path / "runs" / "r"
     (run_dir / "checkpoints/frozen/done.json").unlink()  # as if stopped before the stage ended
     (run_dir / "metrics.json").unlink()
     best = torch.load(run_dir / "checkpoints/frozen/best.ckpt", weights_only=True)
     (run_dir / "checkpoints/frozen/last.ckpt").write_bytes(b"")  # torn by an interruption
     before = (run_dir / "logs/frozen/metrics.csv").read_text().splitlines()
-    code, _, err = run(train_main, [*args, "--resume"], capsys)
+    code, _, err = run_main("train.py", *args, "--resume")
     assert code == 0, err[-2000:]
     assert "skipping a damaged checkpoint" in err
     info = json.loads((run_dir / "checkpoints/frozen/done.json").read_text())
@@ -540,9 +533,9 @@ def test_full_disk_during_training_is_one_line_and_no_torn_checkpoint(tmp_path):
     line, exit 2, no partial checkpoint, and (nothing trained) no run folder left to block a re-run."""
     data = make_folder(tmp_path / "d", n_per_class=4)
     code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (2_000_000, 2_000_000)); "
-            "from crack_lightning.cli import guarded, train_main; "
+            "from crack_lightning.cli.guard import guarded; from crack_lightning.cli.train import train_main; "
             "sys.exit(guarded(lambda: train_main(sys.argv[1:])))")
-    res = subprocess.run([sys.executable, "-c", code, *map(str, TINY), "--data.root", str(data), "--output_dir",
+    res = subprocess.run([sys.executable, "-c", code, *map(str, TRAIN), "--data.root", str(data), "--output_dir",
                           str(tmp_path / "runs"), "--run_name", "r"], cwd=ROOT, capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
     assert "File too large" in one_error(res.returncode, res.stderr)
@@ -558,15 +551,15 @@ def test_per_photo_and_report_outputs_replace_only_our_own_files(tmp_path, capsy
     Image.fromarray(np.concatenate([decode_image(POS[0]), decode_image(NEG[0])], 1)).save(photo)
     foreign = out / "site_heatmap.png"
     Image.new("RGB", (8, 8)).save(foreign)
-    line = one_error(*predict(capsys, tiny_model, "--localize", photo, "--output", out)[::2])
+    line = one_error(*predict(tiny_model, "--localize", photo, "--output", out)[::2])
     assert "was not written by crack_lightning" in line and "site_heatmap.png" in line
     foreign.unlink()
-    assert predict(capsys, tiny_model, "--localize", photo, "--output", out)[0] == 0
-    assert predict(capsys, tiny_model, "--localize", photo, "--output", out)[0] == 0  # ours: replaced
+    assert predict(tiny_model, "--localize", photo, "--output", out)[0] == 0
+    assert predict(tiny_model, "--localize", photo, "--output", out)[0] == 0  # ours: replaced
     report = tmp_path / "rep"
     report.mkdir()
     Image.new("RGB", (8, 8)).save(report / "roc.png")
-    line = one_error(*predict(capsys, tiny_model, POS[0], NEG[0], "--output", tmp_path / "p.csv", "--report",
+    line = one_error(*predict(tiny_model, POS[0], NEG[0], "--output", tmp_path / "p.csv", "--report",
                               report)[::2])
     assert "roc.png" in line and not (tmp_path / "p.csv").exists()
 
@@ -575,8 +568,8 @@ def test_export_replaces_only_an_earlier_export(tmp_path, capsys, tiny_model):
     out = tmp_path / "exp"
     out.mkdir()
     (out / "model.json").write_text('{"my": "notes"}')
-    line = one_error(*run(predict_main, ["--checkpoint", tiny_model, "--export", out], capsys)[::2])
+    line = one_error(*run_main("predict.py", "--checkpoint", tiny_model, "--export", out)[::2])
     assert "model.json" in line and (out / "model.json").read_text() == '{"my": "notes"}'
     (out / "model.json").unlink()
-    assert run(predict_main, ["--checkpoint", tiny_model, "--export", out], capsys)[0] == 0
-    assert run(predict_main, ["--checkpoint", tiny_model, "--export", out], capsys)[0] == 0  # ours: replaced
+    assert run_main("predict.py", "--checkpoint", tiny_model, "--export", out)[0] == 0
+    assert run_main("predict.py", "--checkpoint", tiny_model, "--export", out)[0] == 0  # ours: replaced

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from crack_lightning.images import BadImageError, decode_image
+from crack_lightning.data.images import decode_image
+from crack_lightning.errors import BadImageError
 
 
 def save(tmp_path, name, img, **kw):
@@ -68,7 +69,7 @@ def test_fast_jpeg_path_is_bit_identical_to_pillow():
     """Plain RGB JPEGs are decoded by OpenCV for speed; the pixels must be exactly Pillow's."""
     from conftest import SAMPLE
 
-    from crack_lightning.images import _decode_plain_jpeg
+    from crack_lightning.data.images import _decode_plain_jpeg
 
     files = sorted(SAMPLE.rglob("*.jpg"))[:40]
     for f in files:

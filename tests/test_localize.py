@@ -3,13 +3,13 @@ import csv
 
 import numpy as np
 import pytest
+from conftest import SAMPLE, run_main
 from PIL import Image
 
-from crack_lightning.images import decode_image
-from crack_lightning.localize import iter_tiles, tile_origins
-from crack_lightning.predict import Predictor
-from crack_lightning.transforms import preprocess_batch
-from conftest import SAMPLE, run_main
+from crack_lightning.data.images import decode_image
+from crack_lightning.data.tiles import iter_tiles, tile_origins
+from crack_lightning.data.transforms import preprocess_batch
+from crack_lightning.inference.predictor import Predictor
 
 
 def test_tile_origins_cover_the_edges():
@@ -97,8 +97,8 @@ def test_explain_writes_gradcam(trained_run, tmp_path):
 
 
 def test_gradcam_is_normalised_and_not_flat(trained_run):
-    from crack_lightning.checkpoint import load_model
-    from crack_lightning.explain import grad_cam
+    from crack_lightning.inference.explain import grad_cam
+    from crack_lightning.models.checkpoint import load_model
 
     model = load_model(trained_run / "model.pt")
     patch = sorted((SAMPLE / "Positive").glob("*.jpg"))[0]

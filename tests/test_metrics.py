@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from crack_lightning.metrics import binary_metrics, choose_threshold
+from crack_lightning.models.metrics import binary_metrics, choose_threshold
 
 
 def test_binary_metrics_by_hand():

@@ -1,6 +1,7 @@
 import torch
 
-from crack_lightning.model import CrackClassifier
+from crack_lightning.models.classifier import CrackClassifier
+from crack_lightning.tensor_ops import model_input, normalize
 
 
 def tiny(**kw):
@@ -64,14 +65,14 @@ def test_uint8_images_are_normalised_by_the_model():
     assert m.pre.size == 64
     raw = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
     with torch.no_grad():
-        assert torch.allclose(m(raw), m(m.pre.normalize(raw.permute(0, 3, 1, 2))), atol=1e-6)
+        assert torch.allclose(m(raw), m(normalize(m.pre, raw.permute(0, 3, 1, 2))), atol=1e-6)
         assert torch.allclose(m.predict_proba(raw), torch.sigmoid(m(raw)), atol=1e-6)
 
 
 def test_batches_reach_the_steps_preprocessed_and_features_go_to_the_head_alone():
     """on_after_batch_transfer finishes a uint8 image batch on the module's device (what Lightning
     calls after the copy); a cached-feature batch is explicit (``features``) and only the head runs."""
-    from crack_lightning.data import Batch
+    from crack_lightning.data.loaders import Batch
 
     torch.manual_seed(0)
     m = tiny().eval()
@@ -79,7 +80,7 @@ def test_batches_reach_the_steps_preprocessed_and_features_go_to_the_head_alone(
     y, idx = torch.tensor([0.0, 1.0]), torch.tensor([0, 1])
     done = m.on_after_batch_transfer(Batch(raw, y, idx, []), 0)
     assert done.x.dtype == torch.float32 and done.x.shape == (2, 3, 64, 64)
-    assert torch.equal(done.x, m.pre.model_input(raw)) and torch.equal(done.y, y)
+    assert torch.equal(done.x, model_input(m.pre, raw)) and torch.equal(done.y, y)
     feats = torch.randn(2, m.head[-1].in_features)
     fb = Batch(feats, y, idx, [], features=True)
     assert m.on_after_batch_transfer(fb, 0) is fb
@@ -90,7 +91,7 @@ def test_batches_reach_the_steps_preprocessed_and_features_go_to_the_head_alone(
 
 def test_mlp_head_trains_saves_and_reloads(tmp_path):
     """model.head_hidden: a one-hidden-layer head; the release file rebuilds it from its hparams."""
-    from crack_lightning.checkpoint import load_model, save_release
+    from crack_lightning.models.checkpoint import load_model, save_release
 
     torch.manual_seed(0)
     m = tiny(head_hidden=16).eval()
@@ -101,3 +102,23 @@ def test_mlp_head_trains_saves_and_reloads(tmp_path):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.allclose(again(x), m(x), atol=1e-6)
+
+
+def test_the_model_is_built_from_its_signature():
+    """One list of model arguments (CrackNet's signature): every model.* key reaches the
+    constructor, the config supplies every argument, and a checkpoint rebuilds with all of them."""
+    import dataclasses
+
+    from crack_lightning.config.schema import Config, ModelConfig
+    from crack_lightning.models.checkpoint import check_hparams
+    from crack_lightning.models.network import model_arguments
+    from crack_lightning.training.recipe import model_kwargs
+
+    names = model_arguments()
+    assert {f.name for f in dataclasses.fields(ModelConfig)} <= names
+    cfg = Config()
+    cfg.train.label_smoothing, cfg.model.head_hidden = 0.1, 7
+    kwargs = model_kwargs(cfg)
+    assert set(kwargs) == names and kwargs["label_smoothing"] == 0.1 and kwargs["head_hidden"] == 7
+    stored = check_hparams({**kwargs, "unknown_key": 1}, "x.ckpt")
+    assert set(stored) == names and stored["pretrained"] == "none" and stored["lr"] == cfg.train.frozen.lr

@@ -5,7 +5,6 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import SAMPLE, run_cli, run_main
 
 
@@ -42,6 +41,7 @@ def test_predict_folder_with_labels_and_a_broken_file(trained_run, labelled, tmp
     assert "unreadable: " in res.stderr
 
 
+@pytest.mark.ddp
 def test_predict_spread_over_two_processes_writes_the_single_process_csv(trained_run, labelled, tmp_path):
     """--accelerator cpu --devices 2: Lightning DDP, each process a share; one CSV, byte-identical to a
     single-process run (input order, the unreadable file's row, the sampler's padding not repeated)."""
@@ -95,7 +95,7 @@ def test_predict_user_errors(trained_run, tmp_path):
 
 
 def test_predictor_defaults_follow_the_device_and_engine(trained_run):
-    from crack_lightning.predict import Predictor
+    from crack_lightning.inference.predictor import Predictor
 
     cpu = Predictor(trained_run / "model.pt")
     assert (cpu.batch_size, cpu.num_workers) == (32, 1)
@@ -115,7 +115,7 @@ def test_resize_on_the_device_gives_the_same_probabilities(tmp_path):
     """What a GPU run does (227 px uint8 batches, area-resized and normalised by the model) gives
     the released model exactly the probabilities of the worker-resized path, end to end on real
     photos; ONNX Runtime on normalised floats agrees to float precision."""
-    from crack_lightning.predict import Predictor
+    from crack_lightning.inference.predictor import Predictor
 
     files = sorted(SAMPLE.rglob("*.jpg"))[::10]
     device = Predictor(engine="torch", batch_size=8, num_workers=0, resize_on_device=True)
@@ -144,8 +144,9 @@ def test_a_regular_install_carries_and_finds_the_released_model(tmp_path):
     import sys
     import zipfile
 
-    from crack_lightning.predict import default_checkpoint
     from conftest import ROOT
+
+    from crack_lightning.inference.outputs import default_checkpoint
 
     res = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(ROOT),
                           "-w", str(tmp_path / "whl")], capture_output=True, text=True, timeout=300)
@@ -154,7 +155,7 @@ def test_a_regular_install_carries_and_finds_the_released_model(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert any(n.endswith(".data/data/share/crack_lightning/models/crack_lite0.pt") for n in names)
     assert any(n.endswith(".data/data/share/crack_lightning/models/crack_lite0_field.pt") for n in names)
-    assert "crack_lightning/static/app.js" in names
+    assert "crack_lightning/serve/static/app.js" in names
     assert default_checkpoint() == ROOT / "models" / "crack_lite0.pt"  # a checkout first
     prefix = tmp_path / "venv"
     (prefix / "share/crack_lightning/models").mkdir(parents=True)

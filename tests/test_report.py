@@ -1,11 +1,10 @@
 import json
 
 import pytest
-
+from conftest import SAMPLE, run_main
 from PIL import Image
 
-from crack_lightning.report import make_report
-from conftest import SAMPLE, run_main
+from crack_lightning.inference.report import make_report
 
 
 def test_report_files_and_numbers(tmp_path):

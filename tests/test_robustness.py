@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
-
-from crack_lightning.images import decode_image
-from crack_lightning.predict import Predictor
-from crack_lightning.robustness import SHIFTS, evaluate, table
 from conftest import SAMPLE
+
+from crack_lightning.data.images import decode_image
+from crack_lightning.inference.predictor import Predictor
+from crack_lightning.inference.robustness import SHIFTS, evaluate, table
 
 
 @pytest.mark.parametrize("name", list(SHIFTS))

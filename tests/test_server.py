@@ -14,9 +14,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import ROOT, SAMPLE
+from PIL import Image
 
 KEY = "s3cret"
 POSITIVES = sorted((SAMPLE / "Positive").glob("*.jpg"))[:3]
@@ -55,7 +54,7 @@ def server():
 @pytest.fixture(scope="module")
 def reference():
     """What predict.py's Predictor says about the same files."""
-    from crack_lightning.predict import Predictor
+    from crack_lightning.inference.predictor import Predictor
 
     predictor = Predictor(num_workers=0)
     rows = list(predictor.iter_rows(POSITIVES + NEGATIVES, progress=False))
@@ -174,7 +173,7 @@ def test_concurrent_clients_share_batches_and_agree(server, reference):
 
 
 def test_localize_matches_predict_py_tiling(server, reference, tmp_path):
-    from crack_lightning.localize import localize
+    from crack_lightning.inference.localize import localize
 
     predictor, _ = reference
     rng = np.random.default_rng(0)
@@ -207,6 +206,7 @@ def chromium() -> str:
     return path
 
 
+@pytest.mark.slow
 def test_page_in_a_real_browser(server, reference, tmp_path):
     """Drop three photos on the page, wait for the table, check the answers, open the viewer."""
     from playwright.sync_api import sync_playwright
@@ -249,5 +249,12 @@ def test_page_in_a_real_browser(server, reference, tmp_path):
         assert page.locator("#tiles rect").count() == 1
         shot = tmp_path / "page.png"
         page.screenshot(path=str(shot))
+        # the API docs render from files the package ships: no request leaves this machine
+        docs = browser.new_page()
+        asked: list[str] = []
+        docs.on("request", lambda r: asked.append(r.url))
+        docs.goto(server + "/docs")
+        docs.wait_for_selector(".opblock-summary-path[data-path='/v1/predict']", timeout=30_000)
+        assert asked and all(url.startswith(server) for url in asked), asked
         browser.close()
     assert Image.open(shot).size == (1100, 800)

@@ -7,12 +7,15 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, make_folder, run_main
 from PIL import Image
 
-from crack_lightning.config import DataConfig
-from crack_lightning.data import CrackDataModule, check_no_leak, read_split_csv, scan_sources, split_records
-from crack_lightning.tiles import TileRule, group_of, scan_mask_root
-from conftest import ROOT, make_folder, run_main
+from crack_lightning.config.schema import DataConfig
+from crack_lightning.data.datamodule import CrackDataModule
+from crack_lightning.data.records import read_split_csv
+from crack_lightning.data.scan import scan_sources
+from crack_lightning.data.split import check_no_leak, split_records
+from crack_lightning.data.tiles import TileRule, group_of, scan_mask_root
 
 
 def photo_with_mask(rng, size=448, crack_rows=()):
@@ -108,7 +111,7 @@ def test_balanced_sources_are_drawn_equally(tmp_path, mask_root):
     cfg = DataConfig(root=str(tmp_path / "patches"), extra_roots=[str(mask_root)], tile_sizes=[224],
                      balance_sources=True, batch_size=8, num_workers=0, group_pattern=r"wall_(\d+)")
     records = split_records(scan_sources(cfg)[0], 0.2, 0.2, 0)
-    from crack_lightning.transforms import Preprocessing
+    from crack_lightning.contract import Preprocessing
 
     dm = CrackDataModule(cfg, records, Preprocessing(32, (0.5,) * 3, (0.5,) * 3))
     train = dm.split("train")
@@ -142,7 +145,7 @@ def test_train_from_patches_and_annotated_photos(tmp_path, mask_root):
 
 
 def test_leave_one_source_out_command(tmp_path):
-    """bench/loso.py end to end on synthetic sources named like the field ones: one fold, every figure."""
+    """experiments/loso.py end to end on synthetic sources named like the field ones: one fold, every figure."""
     from conftest import run_cli
 
     rng = np.random.default_rng(1)
@@ -158,7 +161,7 @@ def test_leave_one_source_out_command(tmp_path):
     common = ["--mendeley", str(mendeley), "--field", str(field), "--masonry", str(masonry), "--out", str(out),
               "--heatmap", str(tmp_path / "heat.png"), "--heatmap-fold", "pavement"]
     # train apart (as on a lent GPU), then score the run it left (as here)
-    res = run_cli("bench/loso.py", *common, "--train-only", "--folds", "pavement", "--mendeley-per-class", "6",
+    res = run_cli("experiments/loso.py", *common, "--train-only", "--folds", "pavement", "--mendeley-per-class", "6",
                   "--output-dir", str(tmp_path / "runs"), "--set", "train.frozen.epochs=2", "model.image_size=64",
                   "data.num_workers=0", timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -167,7 +170,7 @@ def test_leave_one_source_out_command(tmp_path):
     split = tmp_path / "mendeley_split.csv"  # a "full Mendeley split": its test rows score every model
     rows = [f"{f},{int(f.parent.name == 'Positive')},test" for f in sorted(mendeley.rglob("*.jpg"))]
     split.write_text("path,label,split\n" + "\n".join(rows) + "\n")
-    res = run_cli("bench/loso.py", *common, "--runs", f"pavement={run}", "--mendeley-test", str(split), timeout=600)
+    res = run_cli("experiments/loso.py", *common, "--runs", f"pavement={run}", "--mendeley-test", str(split), timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     r = json.loads(out.read_text())["folds"]["pavement"]
     assert r["held_out"] == ["aigle", "cracktree"] and "aigle" not in r["trained_on"]
@@ -183,14 +186,13 @@ def test_leave_one_source_out_command(tmp_path):
 
 
 def test_site_calibration_sets_the_threshold_above_the_shown_crack_free_photos(monkeypatch):
-    """bench/loso.py's site calibration: the threshold just above every tile of the k crack-free photos
+    """experiments/loso.py's site calibration: the threshold just above every tile of the k crack-free photos
     shown; false alarms counted on the photos not shown, scores on the crack tiles."""
     import importlib.util
 
     from conftest import ROOT
 
-    monkeypatch.syspath_prepend(str(ROOT / "bench"))  # where the script finds its harness
-    spec = importlib.util.spec_from_file_location("loso", ROOT / "bench" / "loso.py")
+    spec = importlib.util.spec_from_file_location("loso", ROOT / "experiments" / "loso.py")
     loso = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(loso)
     walls = torch.tensor([0.5, 0.1, 0.5, 0.2, 0.5, 0.3])  # three photos, each with a tile at 0.5

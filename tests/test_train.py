@@ -5,9 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from crack_lightning.data import check_no_leak, read_split_csv
 from conftest import ROOT, make_folder, run_cli, run_main
+
+from crack_lightning.data.records import read_split_csv
+from crack_lightning.data.split import check_no_leak
 
 TINY = ["--model.pretrained", "none", "--model.image_size", "32", "--data.num_workers", "0",
         "--data.batch_size", "8", "--trainer.enable_progress_bar", "false", "--data.val_fraction", "0.25",
@@ -53,7 +54,7 @@ def test_frozen_then_finetune_changes_backbone(tmp_path):
     run = tmp_path / "runs" / "two"
     frozen_ckpt = torch.load(run / "checkpoints/frozen/best.ckpt", weights_only=True)
     tuned_ckpt = torch.load(run / "checkpoints/finetune/best.ckpt", weights_only=True)
-    from crack_lightning.config import load_config
+    from crack_lightning.config.files import load_config
 
     stages = load_config(ROOT / "configs/quickstart.yaml").train
     assert stages.frozen.lr != stages.finetune.lr
@@ -93,7 +94,7 @@ def test_interpolate_averages_the_fine_tuned_weights_with_where_fine_tuning_star
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["interpolate"] == 0.5
     assert metrics["after"]["val"]["threshold"] == metrics["threshold"] == pytest.approx(released["threshold"])
-    from crack_lightning.config import load_config
+    from crack_lightning.config.files import load_config
 
     assert load_config(run / "config.yaml").train.interpolate == 0.5  # written with the run
     res = run_main("train.py", "--config", "configs/quickstart.yaml", "--data.root", str(data), "--output_dir",
@@ -116,8 +117,10 @@ def test_interpolate_averages_the_fine_tuned_weights_with_where_fine_tuning_star
 def test_every_trainer_argument_reaches_the_trainer(tmp_path):
     """trainer.* is lightning.Trainer's own signature: clipping, accumulation and the rest arrive as
     given; the recipe keeps its callbacks, checkpoint I/O and history logger; a wrong one is named."""
-    from crack_lightning.config import ConfigError, load_config
-    from crack_lightning.training import AtomicCheckpointIO, HistoryCSVLogger, make_trainer
+    from crack_lightning.config.files import load_config
+    from crack_lightning.errors import ConfigError
+    from crack_lightning.training.callbacks import AtomicCheckpointIO, HistoryCSVLogger
+    from crack_lightning.training.recipe import make_trainer
 
     cfg = load_config(ROOT / "configs/quickstart.yaml", [
         ("trainer.gradient_clip_val", "0.5"), ("trainer.gradient_clip_algorithm", "value"),
@@ -138,6 +141,7 @@ def test_every_trainer_argument_reaches_the_trainer(tmp_path):
         load_config(None, [("trainer.max_epochs", "-2")])
 
 
+@pytest.mark.ddp
 def test_ddp_two_processes_on_cpu(tmp_path):
     data = make_folder(tmp_path / "data", n_per_class=8)
     res = run_cli("train.py", "--config", "configs/quickstart.yaml", "--data.root", str(data), "--output_dir",
@@ -186,11 +190,14 @@ def test_gpu_loaders_drive_training_and_feature_caching(tmp_path):
     features equal those of the CPU loaders."""
     import lightning as L
 
-    from crack_lightning.config import DataConfig
-    from crack_lightning.data import CrackDataModule, scan, split_records
-    from crack_lightning.model import CrackClassifier
-    from crack_lightning.data import compute_features
-    from crack_lightning.training import feature_extractor
+    from crack_lightning.config.schema import DataConfig
+    from crack_lightning.data.datamodule import CrackDataModule
+    from crack_lightning.data.loaders import compute_features
+    from crack_lightning.data.scan import scan
+    from crack_lightning.data.split import split_records
+    from crack_lightning.models.classifier import CrackClassifier
+    from crack_lightning.training.callbacks import EvaluationResults
+    from crack_lightning.training.features import feature_extractor
 
     records = split_records(scan(make_folder(tmp_path / "d", n_per_class=8), ("Negative", "Positive"))[0],
                             0.25, 0.25, 0)
@@ -207,23 +214,25 @@ def test_gpu_loaders_drive_training_and_feature_caching(tmp_path):
     assert torch.allclose(on_gpu_path.features, on_cpu_path.features, atol=1e-5)
     assert torch.equal(on_gpu_path.labels, on_cpu_path.labels)
     before = model.head[1].weight.detach().clone()
+    found = EvaluationResults()
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[found])
     trainer.fit(model, gpu_dm)
     assert not torch.equal(before, model.head[1].weight)
     trainer.test(model, gpu_dm, verbose=False)
-    on_gpu_path = model.last_results["test"]
+    on_gpu_path = found.results["test"]
     trainer.test(model, cpu_dm, verbose=False)
     assert sorted(on_gpu_path["index"].tolist()) == list(range(len(gpu_dm.split("test"))))
-    assert torch.allclose(on_gpu_path["probs"], model.last_results["test"]["probs"], atol=1e-5)
+    assert torch.allclose(on_gpu_path["probs"], found.results["test"]["probs"], atol=1e-5)
 
 
 def test_crash_before_first_checkpoint_leaves_no_run_folder(tmp_path, monkeypatch):
     """A run that dies on a bug before it has trained anything leaves nothing that blocks re-running it."""
     import pytest
 
-    from crack_lightning import training
-    from crack_lightning.config import load_config
+    from crack_lightning.config.files import load_config
+    from crack_lightning.training import recipe as training
+    from crack_lightning.training.run_folder import RUN_NAME_ENV
 
     data = make_folder(tmp_path / "data", n_per_class=4)
     pairs = [("data.root", str(data)), ("output_dir", str(tmp_path / "runs")), ("run_name", "r"),
@@ -235,7 +244,7 @@ def test_crash_before_first_checkpoint_leaves_no_run_folder(tmp_path, monkeypatc
         raise RuntimeError("a bug")
 
     run_stage = training.run_stage
-    monkeypatch.setenv(training.RUN_NAME_ENV, "r")  # train() records the name there for DDP processes
+    monkeypatch.setenv(RUN_NAME_ENV, "r")  # train() records the name there for DDP processes
     monkeypatch.setattr(training, "run_stage", bug)
     with pytest.raises(RuntimeError, match="a bug"):
         training.train(cfg)
@@ -250,9 +259,10 @@ def test_fpr_threshold_rule_and_val_f1_monitor_end_to_end(tmp_path):
     within budget; monitor val_f1: the best checkpoint is the epoch of the highest val_f1 (mode max)."""
     import csv as _csv
 
-    from crack_lightning.metrics import binary_metrics
-    from crack_lightning.predict import Predictor
     from conftest import run_main
+
+    from crack_lightning.inference.predictor import Predictor
+    from crack_lightning.models.metrics import binary_metrics
 
     data = make_folder(tmp_path / "data", n_per_class=12)
     res = run_main("train.py", "--config", "configs/quickstart.yaml", "--data.root", data, "--output_dir",

@@ -3,11 +3,17 @@ import numpy as np
 import pytest
 import timm
 import torch
-
 from conftest import SAMPLE
-from crack_lightning.images import decode_image
-from crack_lightning.transforms import (Preprocessing, area_resize, area_resize_exact, eval_transform,
-                                        preprocess_batch, stack_uint8, train_transform)
+
+from crack_lightning.contract import Preprocessing
+from crack_lightning.data.images import decode_image
+from crack_lightning.data.transforms import (
+    eval_transform,
+    preprocess_batch,
+    stack_uint8,
+    train_transform,
+)
+from crack_lightning.tensor_ops import area_resize, area_resize_exact, model_input
 
 
 def test_preprocessing_from_timm_data_config():
@@ -44,7 +50,7 @@ def test_train_transform_varies_and_keeps_shape():
 def test_site_artifacts_draw_straight_structures_and_keep_the_image_shape():
     """Each artefact changes the tile, keeps shape and dtype; a joint darkens one straight band,
     the rest of the tile untouched (it must not read as noise all over)."""
-    import crack_lightning.transforms as T
+    import crack_lightning.data.transforms as T
 
     img = np.full((224, 224, 3), 160, np.uint8)
     rng = np.random.default_rng(3)
@@ -68,7 +74,7 @@ def test_uint8_pipeline_normalised_on_device_equals_cpu_normalisation():
     raw = eval_transform(pre, normalize=False)(image=img)["image"]
     assert raw.dtype == np.uint8 and raw.shape == (48, 48, 3)
     expected = eval_transform(pre)(image=img)["image"]
-    x = pre.model_input(stack_uint8([raw], pre))
+    x = model_input(pre, stack_uint8([raw], pre))
     assert x.shape == (1, 3, 48, 48) and x.is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(x[0], expected, atol=1e-5)
     aug = train_transform(pre, "strong", normalize=False)(image=img)["image"]
@@ -113,8 +119,8 @@ def test_stack_uint8_defers_the_resize_only_when_the_device_can_repeat_it():
     resized = stack_uint8(same, pre)
     assert resized.shape == (3, 224, 224, 3)
     expected = torch.stack([eval_transform(pre)(image=im)["image"] for im in same])
-    assert torch.equal(pre.model_input(deferred), pre.model_input(resized))
-    assert torch.allclose(pre.model_input(deferred), expected, atol=1e-6)
+    assert torch.equal(model_input(pre, deferred), model_input(pre, resized))
+    assert torch.allclose(model_input(pre, deferred), expected, atol=1e-6)
     mixed = same[:2] + [rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)]
     assert stack_uint8(mixed, pre, defer_resize=True).shape == (3, 224, 224, 3)  # sizes differ: resized here
     integer = [rng.integers(0, 256, (448, 448, 3), dtype=np.uint8)]

@@ -4,7 +4,11 @@ import skimage.data as skdata
 import torch
 from PIL import Image
 
-from crack_lightning.weights import WeightsError, create_pretrained, lite0_package_file
+from crack_lightning.errors import WeightsError
+from crack_lightning.models.components.pretrained import (
+    create_pretrained,
+    lite0_package_file,
+)
 
 CATS = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 ESPRESSO = 967
@@ -76,8 +80,8 @@ def test_unknown_architecture():
 
 def test_backbone_from_a_crack_lightning_checkpoint(tmp_path):
     """model.weights_file may be a trained checkpoint (e.g. the release): its backbone starts the new run."""
-    from crack_lightning.checkpoint import save_release
-    from crack_lightning.model import CrackClassifier
+    from crack_lightning.models.checkpoint import save_release
+    from crack_lightning.models.classifier import CrackClassifier
 
     torch.manual_seed(0)
     trained = CrackClassifier(pretrained="none", image_size=32)
@@ -87,7 +91,7 @@ def test_backbone_from_a_crack_lightning_checkpoint(tmp_path):
 
 
 def test_interpolate_mixes_float_tensors_and_keeps_counters():
-    from crack_lightning.weights import interpolate
+    from crack_lightning.training.wise import interpolate
 
     start = {"w": torch.zeros(3), "bn.num_batches_tracked": torch.tensor(5), "threshold": torch.tensor(0.2)}
     tuned = {"w": torch.tensor([2.0, 4.0, 8.0]), "bn.num_batches_tracked": torch.tensor(9), "threshold": torch.tensor(0.7)}

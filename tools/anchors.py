@@ -16,9 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from crack_lightning.cli import run_folder_tool  # noqa: E402
+from crack_lightning.cli.run_tools import run_folder_tool
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,12 +28,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from crack_lightning.checkpoint import load_model, save_release
-    from crack_lightning.config import ConfigError, load_config
+    from crack_lightning.cli.run_tools import read_run_split
+    from crack_lightning.config.files import load_config
     from crack_lightning.console import quiet_lightning
-    from crack_lightning.data import CrackDataModule, read_run_split
-    from crack_lightning.io import path_text
-    from crack_lightning.training import site_anchors
+    from crack_lightning.data.datamodule import CrackDataModule
+    from crack_lightning.errors import ConfigError
+    from crack_lightning.files import path_text
+    from crack_lightning.models.checkpoint import load_model, save_release
+    from crack_lightning.training.features import site_anchors
 
     run_dir, out = Path(args.run), Path(args.output)
     model_file = Path(args.model) if args.model else run_dir / "model.pt"

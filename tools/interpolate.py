@@ -6,7 +6,7 @@
 What ``train.interpolate`` does at the end of a run, for a run that is already over (trained on a
 lent GPU, say): the weights ``(1 - alpha) * start + alpha * tuned``, the decision threshold chosen
 again on the tuned run's validation split, the test split scored; writes a run folder (``model.pt``,
-``metrics.json``, ``test_predictions.csv``, ``config.yaml``, ``split.csv``) that ``bench/loso.py
+``metrics.json``, ``test_predictions.csv``, ``config.yaml``, ``split.csv``) that ``experiments/loso.py
 --runs`` and ``predict.py --checkpoint`` take. ``--start`` must be where that fine-tuning started
 (the end of its frozen stage, or the model it was started from): averaging unrelated models fails.
 ``--path-map OLD=NEW`` rewrites the beginning of the split's paths (a run made on another machine).
@@ -18,9 +18,7 @@ import shutil
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from crack_lightning.cli import run_folder_tool  # noqa: E402
+from crack_lightning.cli.run_tools import run_folder_tool
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,13 +31,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from crack_lightning.checkpoint import load_model
-    from crack_lightning.config import ConfigError, dump_yaml, load_config
+    from crack_lightning.cli.run_tools import read_run_split
+    from crack_lightning.config.files import dump_yaml, load_config
     from crack_lightning.console import quiet_lightning
-    from crack_lightning.data import CrackDataModule, read_run_split, write_split_csv
-    from crack_lightning.io import write_json, write_text
-    from crack_lightning.training import finish
-    from crack_lightning.weights import interpolate
+    from crack_lightning.data.datamodule import CrackDataModule
+    from crack_lightning.data.records import write_split_csv
+    from crack_lightning.errors import ConfigError
+    from crack_lightning.files import write_json, write_text
+    from crack_lightning.models.checkpoint import load_model
+    from crack_lightning.training.recipe import finish
+    from crack_lightning.training.wise import interpolate
 
     tuned_dir, out = Path(args.tuned), Path(args.output)
     if out.exists():
@@ -51,12 +52,12 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(tuned_dir / "config.yaml", [
         ("output_dir", str(out.parent)), ("run_name", out.name), ("train.interpolate", str(args.alpha)),
         ("trainer.precision", "32-true"), ("data.num_workers", str(args.num_workers))])
-    start, model = load_model(args.start), load_model(tuned_dir / "model.pt")
+    start, model = load_model(args.start), load_model(tuned_dir / "model.pt", trainable=True)
     model.load_state_dict(interpolate(start.state_dict(), model.state_dict(), args.alpha))
     out.mkdir(parents=True)
     write_text(out / "config.yaml", dump_yaml(cfg))
     write_split_csv(records, out / "split.csv", cfg.data.class_names)
-    if (tuned_dir / "train_wall_s.txt").is_file():  # the training it took, for bench/loso.py
+    if (tuned_dir / "train_wall_s.txt").is_file():  # the training it took, for experiments/loso.py
         shutil.copy(tuned_dir / "train_wall_s.txt", out / "train_wall_s.txt")
     dm = CrackDataModule(cfg.data, records=records, pre=model.pre, run_dir=out)
     dm.setup("test")

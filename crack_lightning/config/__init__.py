@@ -1,0 +1,1 @@
+"""Typed run configuration: the dataclass schema, its jsonargparse parsers, and YAML files."""

@@ -1,0 +1,1 @@
+"""Using a trained model: prediction, localisation, explanation, export, reports and site calibration."""

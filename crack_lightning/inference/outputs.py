@@ -1,0 +1,62 @@
+"""What ``predict.py`` reads and writes, known before any model is loaded (torch-free): the inputs a
+command line names, the default model, and the names and headers of every output file, so each
+output is checked before any work and recognised later as ours.
+"""
+from __future__ import annotations
+
+import glob
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from crack_lightning.data.images import is_image_file
+from crack_lightning.errors import InputError
+
+RELEASE_NAME = "crack_lite0.pt"
+
+
+def default_checkpoint(checkout: Path | None = None, prefix: Path | None = None) -> Path:
+    """The released model: ``models/`` of the checkout (a clone or an editable install), else the
+    copy a regular install places under ``<prefix>/share/crack_lightning/models`` (pyproject data-files)."""
+    candidates = [(checkout or Path(__file__).resolve().parents[2]) / "models" / RELEASE_NAME,
+                  Path(prefix or sys.prefix) / "share" / "crack_lightning" / "models" / RELEASE_NAME]
+    return next((c for c in candidates if c.is_file()), candidates[0])
+
+
+DEFAULT_CHECKPOINT = default_checkpoint()
+
+
+def collect_inputs(inputs: Sequence[str]) -> list[Path]:
+    """Expand files, folders (recursive) and globs into a sorted, de-duplicated list of images."""
+    found: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            matches = [q for q in sorted(p.rglob("*")) if q.is_file() and is_image_file(q)]
+        elif p.is_file():
+            matches = [p]
+        else:
+            matches = [Path(m) for m in sorted(glob.glob(item, recursive=True))]
+            matches = [q for q in matches if q.is_file() and is_image_file(q)]
+            if not matches:
+                raise InputError(f"no such file, folder or matching glob: {item}")
+        if not matches:
+            raise InputError(f"no images (.jpg, .png, ...) found in {item}")
+        found += matches
+    seen, out = set(), []
+    for p in found:
+        key = str(p)
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+    return out
+
+
+PREDICTIONS_HEADER = ["path", "probability", "label", "true_label", "correct", "error"]
+TILES_CSV_HEADER = ["x", "y", "width", "height", "probability"]
+SUMMARY_FIELDS = ["photo", "width", "height", "tiles", "crack_tiles", "crack_fraction", "max_probability",
+                  "threshold", "error"]
+PHOTO_CSV_HEADERS = (TILES_CSV_HEADER, SUMMARY_FIELDS)  # what --localize writes (replaced only if ours)
+REPORT_FILES = ("confusion_matrix.png", "roc.png", "precision_recall.png", "histogram.png", "mistakes.png",
+                "report.json")
+EXPORT_FILES = ("model.onnx", "model.torchscript.pt", "model.json")  # what export(..., name="model") writes

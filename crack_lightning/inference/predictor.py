@@ -1,0 +1,217 @@
+"""Batch prediction over any mix of files, folders and globs (what ``predict.py`` runs).
+
+Images go through the same :func:`~crack_lightning.images.decode_image` and
+:func:`~crack_lightning.transforms.eval_transform` as training. A file that
+cannot be read becomes an error row; the run goes on.
+"""
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from crack_lightning.data.images import decode_image
+from crack_lightning.data.loaders import Batches, ImageDataset, make_loader
+from crack_lightning.data.transforms import eval_transform
+from crack_lightning.errors import InputError
+from crack_lightning.files import atomic_write, csv_path, csv_text
+from crack_lightning.inference.outputs import DEFAULT_CHECKPOINT, PREDICTIONS_HEADER
+from crack_lightning.limits import MAX_PIXELS
+from crack_lightning.models.checkpoint import load_model
+from crack_lightning.models.metrics import binary_metrics
+
+
+def label_from_path(path: Path, class_names: Sequence[str]) -> int | None:
+    """The true class, when a parent folder is named like one of the classes (nearest wins)."""
+    for parent in path.parents:
+        if parent.name in class_names:
+            return list(class_names).index(parent.name)
+    return None
+
+
+class Prepare:
+    """One uploaded image (bytes or a path) -> the model's input item, as :class:`ImageDataset`
+    makes it from files with ``transform`` (:attr:`Predictor.transform`): normalised float ``(3,S,S)``,
+    or, with none (the PyTorch engine), the decoded ``HxWx3`` uint8 array that :class:`Batches` stacks. Raises :class:`BadImageError`
+    for a file that is not a usable image (the server's per-request path)."""
+
+    def __init__(self, transform, max_pixels: int = MAX_PIXELS):
+        self.transform, self.max_pixels = transform, max_pixels
+
+    def __call__(self, source: str | Path | bytes):
+        image = decode_image(source, self.max_pixels)
+        return image if self.transform is None else self.transform(image=image)["image"]
+
+
+@dataclass
+class Row:
+    path: str
+    probability: float | None
+    label: str
+    true_label: str = ""
+    error: str = ""
+
+
+@dataclass
+class Predictor:
+    """A loaded model (PyTorch checkpoint or exported ONNX) with its threshold and preprocessing."""
+
+    checkpoint: str | Path | None = None
+    device: str = "cpu"
+    batch_size: int = 0  # 0: 32 on a CPU, 256 on a GPU
+    num_workers: int = -1  # -1: 1 decode worker on a CPU; on a GPU enough to keep it busy (cores - 1, at most 16)
+    threshold: float | None = None
+    engine: str = "auto"  # auto: ONNX Runtime on CPU, PyTorch on GPU; or "torch" / "onnx"
+    resize_on_device: bool | None = None  # None: on a GPU (PyTorch engine only; see defer_resize)
+    progress: bool = False  # draw a progress bar over long work (the command line asks; a library call does not)
+    model: object = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.on_gpu = str(self.device).startswith("cuda")
+        kind, _, index = str(self.device).partition(":")
+        if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
+            raise InputError(f"--device must be cpu, cuda or cuda:N, got {self.device!r}")
+        if self.on_gpu and not torch.cuda.is_available():
+            raise InputError(f"--device {self.device}: no CUDA GPU is available on this machine; use --device cpu")
+        if self.on_gpu and index and int(index) >= torch.cuda.device_count():
+            raise InputError(f"--device {self.device}: no such GPU (this machine has {torch.cuda.device_count()})")
+        if self.batch_size <= 0:
+            self.batch_size = 256 if self.on_gpu else 32
+        if self.num_workers < 0:
+            self.num_workers = min(16, max(1, (os.cpu_count() or 2) - 1)) if self.on_gpu else 1
+        self.checkpoint = Path(self.checkpoint) if self.checkpoint else DEFAULT_CHECKPOINT
+        if self.checkpoint.suffix == ".onnx":
+            from crack_lightning.models.runtime import OnnxModel
+
+            self.model = OnnxModel(self.checkpoint)
+            self.pre, self.class_names, stored = self.model.pre, self.model.class_names, self.model.threshold
+        else:
+            self.model = load_model(self.checkpoint, self.device).to(memory_format=torch.channels_last)
+            self.pre, self.class_names = self.model.pre, list(self.model.hparams.class_names)
+            stored = float(self.model.threshold)
+        if self.threshold is None:  # a stored threshold is only used once it is known to be sane
+            from crack_lightning.models.checkpoint import check_threshold
+
+            self.threshold = check_threshold(stored, self.checkpoint)
+        from crack_lightning.models.runtime import onnx_runner, use_onnx
+
+        self._run = None
+        if isinstance(self.model, torch.nn.Module) and use_onnx(self.engine, self.device):
+            from crack_lightning.inference.export import ProbabilityModel
+
+            self._run = onnx_runner(ProbabilityModel(self.model).float(), self.pre.size)
+
+    @property
+    def device_normalize(self) -> bool:
+        """PyTorch engine: the loader ships uint8 and the model normalises on its device
+        (on a GPU, 4x fewer bytes to pin and copy)."""
+        return self._run is None and isinstance(self.model, torch.nn.Module)
+
+    @property
+    def defer_resize(self) -> bool:
+        """Whether the model's device also does the resize (:func:`stack_uint8`; same pixels).
+        By default on a GPU: the resize is most of a loader worker's time, and the loader is
+        what limits prediction there; on a CPU OpenCV does it faster than PyTorch."""
+        on = self.on_gpu if self.resize_on_device is None else self.resize_on_device
+        return self.device_normalize and on
+
+    @torch.inference_mode()
+    def _launch(self, batch: torch.Tensor) -> torch.Tensor:
+        """Start the model on a batch; the probabilities stay on its device, not waited for."""
+        if self._run is not None:
+            return self._run(batch)
+        if not isinstance(self.model, torch.nn.Module):
+            return self.model(batch)
+        return self.model.predict_proba(batch.to(self.device, non_blocking=True))
+
+    def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
+        """Crack probabilities for a batch of normalised floats (:func:`eval_transform`) or,
+        for the PyTorch engine, uint8 ``(B,H,W,3)`` (:func:`stack_uint8`)."""
+        return self._launch(batch).cpu()
+
+    def preparer(self, max_pixels: int = MAX_PIXELS) -> "Prepare":
+        """What turns one image file into this model's input item (see :class:`Prepare`)."""
+        return Prepare(self.transform, max_pixels)
+
+    @property
+    def transform(self):
+        """What a worker does to a decoded image: the eval transform into normalised floats, or
+        nothing when the model's device finishes uint8 batches (:attr:`device_normalize`)."""
+        return None if self.device_normalize else eval_transform(self.pre)
+
+    @property
+    def collate(self) -> Batches:
+        """Items ``(input or None, label, index, error)`` -> one :class:`Batch` for :meth:`probabilities`."""
+        return Batches(self.pre, uint8=self.device_normalize, defer_resize=self.defer_resize)
+
+    def dataset(self, paths: Sequence[Path], max_pixels: int = MAX_PIXELS) -> ImageDataset:
+        """``paths`` as this model's input items; an unreadable file becomes an error item."""
+        return ImageDataset(paths, self.transform, tolerant=True, max_pixels=max_pixels)
+
+    def loader(self, paths: Sequence[Path]) -> DataLoader:
+        """:class:`Batch` es of ``paths``, in order, ready for :meth:`probabilities`."""
+        return make_loader(self.dataset(paths), self.batch_size, self.num_workers,
+                           collate_fn=self.collate, pin_memory=self.on_gpu, prefetch_factor=4)
+
+    def iter_rows(self, paths: Sequence[str | Path] | str | Path, progress: bool | None = None) -> Iterator[Row]:
+        """One row per path, in order. One batch stays in flight: a GPU computes it while
+        the next one is fetched, instead of idling until the host has written its rows."""
+        if isinstance(paths, (str, os.PathLike)):  # one path, not its characters
+            paths = [paths]
+        paths = [Path(p) for p in paths]
+        pending = None
+        bar = self.progress if progress is None else progress
+        for b in tqdm(self.loader(paths), desc="predicting", unit="batch", disable=not bar):
+            launched = (None if b.x is None else self._launch(b.x), b.index.tolist(), b.errors)
+            if pending is not None:
+                yield from self._batch_rows(paths, *pending)
+            pending = launched
+        if pending is not None:
+            yield from self._batch_rows(paths, *pending)
+
+    def _batch_rows(self, paths: Sequence[Path], probs: torch.Tensor | None, idx: list[int],
+                    errors: list[tuple[int, str]]) -> list[Row]:
+        rows = [] if probs is None else [(i, self.row(paths[i], p)) for i, p in zip(idx, probs.cpu().tolist())]
+        rows += [(i, self.row(paths[i], None, err)) for i, err in errors]
+        return [row for _, row in sorted(rows, key=lambda t: t[0])]
+
+    def row(self, path: Path, prob: float | None, error: str = "") -> Row:
+        """The output row of one file: its probability (None where it could not be read), the label at
+        this predictor's threshold, the label its folder names, and the error."""
+        truth = label_from_path(path, self.class_names)
+        label = "" if prob is None else self.class_names[int(prob >= self.threshold)]
+        return Row(str(path), prob, label, self.class_names[truth] if truth is not None else "", error)
+
+
+
+
+
+def write_rows(rows: Iterable[Row], path: str | Path) -> list[Row]:
+    """Write the prediction CSV atomically (UTF-8; paths and text cells as :func:`~crack_lightning.io.csv_path`
+    writes them); return the rows."""
+    rows = list(rows)
+    with atomic_write(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(PREDICTIONS_HEADER)
+        for r in rows:
+            correct = "" if not r.true_label or r.probability is None else int(r.label == r.true_label)
+            prob = "" if r.probability is None else f"{r.probability:.6f}"
+            w.writerow([csv_path(r.path), prob, csv_text(r.label), csv_text(r.true_label), correct,
+                        csv_text(r.error)])
+    return rows
+
+
+def compare(rows: Sequence[Row], class_names: Sequence[str], threshold: float) -> dict | None:
+    """Metrics of the rows whose true class is known from their folder (None if none is)."""
+    known = [r for r in rows if r.true_label and r.probability is not None]
+    if not known:
+        return None
+    probs = torch.tensor([r.probability for r in known])
+    labels = torch.tensor([list(class_names).index(r.true_label) for r in known])
+    return binary_metrics(probs, labels, threshold)

@@ -1,0 +1,26 @@
+"""Every numeric limit the project enforces, in one table (torch-free).
+
+A config key, a checkpoint's stored hyperparameters, an exported model's contract, the
+prediction options and the server all check against these numbers, so a model that
+trains is a model that loads, and a limit a user reads in an error message is the one
+applied everywhere.
+"""
+from __future__ import annotations
+
+# images
+MAX_PIXELS = 200_000_000  # decoding a file: ~14k x 14k, far above any camera photo, below what exhausts memory
+MIN_SIDE = 16  # the smallest image side a file may have
+# the model
+IMAGE_SIZE = (16, 4096)  # a backbone's square input side (0 = the backbone's own)
+HEAD_HIDDEN = (0, 65536)  # the head's hidden width (0 = a linear head)
+MIN_TILE = 32  # --localize's smallest tile side
+# the server
+SERVER_MAX_UPLOAD_MB = 50.0  # one request's body
+SERVER_MAX_PIXELS = 60_000_000  # one image of a request: a 12 MP photo is 12,000,000
+SERVER_MAX_QUEUE = 512  # images waiting for the model across all requests
+SERVER_MAX_BATCH = 32  # images the model runs at once
+
+
+def in_range(value: object, bounds: tuple[int, int]) -> bool:
+    """``value`` is an integer (not a bool) within ``bounds`` (inclusive)."""
+    return isinstance(value, int) and not isinstance(value, bool) and bounds[0] <= value <= bounds[1]

@@ -1,0 +1,1 @@
+"""Parts a model is built from: pretrained backbones and where their weights come from."""

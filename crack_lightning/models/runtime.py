@@ -1,0 +1,152 @@
+"""Which engine runs a network, and how: the one place that decides.
+
+* ``auto``: ONNX Runtime on a CPU (2-3x PyTorch eager there, same numbers to ~1e-5), PyTorch on a
+  GPU (channels_last, bf16 autocast: tensor cores);
+* ``onnx`` / ``torch``: forced.
+
+Prediction (:class:`~crack_lightning.predict.Predictor`) and the cached-feature frozen stage
+(:func:`~crack_lightning.training.feature_extractor`) both ask here. An ONNX export costs a second
+or two per start, so exports are cached on disk by the network's weights (``~/.cache/crack_lightning/onnx``,
+or ``$CRACK_LIGHTNING_CACHE``): the second start of ``predict.py`` with the same model loads it.
+:class:`OnnxModel` runs a model exported by :mod:`crack_lightning.export` (which only exports).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from crack_lightning.hardware import gpu_autocast
+
+ENGINES = ("auto", "onnx", "torch")
+
+
+OPSET = 17
+
+
+def use_onnx(engine: str, device: torch.device | str) -> bool:
+    """Whether ``engine`` on ``device`` means ONNX Runtime."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    return engine == "onnx" or (engine == "auto" and torch.device(device).type == "cpu")
+
+
+def to_onnx(module: nn.Module, size: int, f, opset: int = OPSET) -> None:
+    """Trace ``module`` (images ``[N,3,size,size]`` in) to ONNX with a dynamic batch dimension."""
+    torch.onnx.export(module.eval(), (torch.zeros(1, 3, size, size),), f, dynamo=False, input_names=["image"],
+                      output_names=["probability"], dynamic_axes={"image": {0: "batch"}, "probability": {0: "batch"}},
+                      opset_version=opset)
+
+
+def session(model_bytes_or_path, threads: int = 0):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(model_bytes_or_path, opts, providers=["CPUExecutionProvider"])
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CRACK_LIGHTNING_CACHE") or Path.home() / ".cache" / "crack_lightning") / "onnx"
+
+
+def export_key(module: nn.Module, size: int) -> str:
+    """What identifies an export: the module's class, its weights and buffers, the input size, the
+    exporter (torch version, opset)."""
+    h = hashlib.sha256(f"{type(module).__qualname__}|{size}|{torch.__version__}|{OPSET}".encode())
+    for name, tensor in module.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def cached_onnx(module: nn.Module, size: int) -> bytes:
+    """The ONNX export of ``module``, from the on-disk cache when this exact network was exported
+    before; a cache that cannot be written is skipped, never an error."""
+    from crack_lightning.files import atomic_write
+
+    path = cache_dir() / f"{export_key(module, size)}.onnx"
+    if path.is_file():
+        try:
+            return path.read_bytes()
+        except OSError:
+            pass
+    buf = io.BytesIO()
+    with torch.no_grad():
+        to_onnx(module, size, buf)
+    data = buf.getvalue()
+    try:
+        with atomic_write(path, "wb") as f:
+            f.write(data)
+    except OSError:
+        pass
+    return data
+
+
+def onnx_runner(module: nn.Module, size: int, threads: int = 0) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``module`` as an ONNX Runtime function of normalised float batches ``[N,3,size,size]``."""
+    sess = session(cached_onnx(module, size), threads)
+    return lambda x: torch.from_numpy(sess.run(None, {"image": x.float().contiguous().numpy()})[0])
+
+
+def torch_runner(module: nn.Module, device: torch.device | str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``module`` in PyTorch on ``device``: channels_last, bf16 autocast on a GPU; float32 out."""
+    device = torch.device(device)
+    module = module.to(device, memory_format=torch.channels_last).eval()
+
+    @torch.inference_mode()
+    def run(x: torch.Tensor) -> torch.Tensor:
+        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        with gpu_autocast(device):
+            return module(x).float()
+    return run
+
+
+class OnnxModel:
+    """An exported model run with onnxruntime; quacks like the parts of the model Predictor uses."""
+
+    def __init__(self, path: str | Path, threads: int = 0):
+        import json
+
+        from crack_lightning.contract import Preprocessing
+        from crack_lightning.errors import CheckpointError
+        from crack_lightning.models.checkpoint import check_class_names, check_threshold
+
+        path = Path(path)
+        meta_path = path.with_suffix(".json")
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint not found: {path}")
+        if not meta_path.is_file():
+            raise CheckpointError(f"the ONNX model needs its contract file beside it: {meta_path} is missing")
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            pre = meta["preprocessing"]
+            self.pre = Preprocessing.from_dict(pre)
+            if len(pre["mean"]) != 3 or len(pre["std"]) != 3 or not 16 <= self.pre.size <= 4096 or \
+                    not all(float(v) > 0 for v in pre["std"]):
+                raise ValueError("preprocessing needs 3 means, 3 positive stds and a size of 16-4096")
+            self.threshold = check_threshold(meta["threshold"], meta_path)
+            self.class_names = check_class_names(meta["class_names"], meta_path)
+        except CheckpointError:
+            raise
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{meta_path} is not a valid model contract ({exc.__class__.__name__}: "
+                                  f"{str(exc)[:200]})") from exc
+        try:
+            self.session = session(str(path), threads)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own classes for a damaged model
+            raise CheckpointError(f"cannot load {path}: not a valid ONNX model ({str(exc).splitlines()[0][:200]})") \
+                from exc
+        shape = self.session.get_inputs()[0].shape
+        if len(shape) != 4 or shape[1:] != [3, self.pre.size, self.pre.size]:
+            raise CheckpointError(f"{path} takes input {shape}, its contract says [N, 3, {self.pre.size}, "
+                                  f"{self.pre.size}]: they do not belong together")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {"image": x.contiguous().numpy()})[0])

@@ -1,0 +1,221 @@
+"""HTTP API and web page for people and programs that do not run Python (``serve.py``).
+
+One model, loaded once (:class:`~crack_lightning.inference.predictor.Predictor`, the same as
+``predict.py``). Images from concurrent requests are decoded in a thread pool, then run through the
+model together by one :class:`~crack_lightning.serve.batcher.Batcher`. Uploads are read into memory;
+client file names are only echoed back, never used as paths."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from fastapi import HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
+from starlette.datastructures import UploadFile
+
+from crack_lightning.data.images import decode_image
+from crack_lightning.data.tiles import TRAINING_TILE
+from crack_lightning.errors import BadImageError
+from crack_lightning.inference.localize import heat_layer_png, localize_array
+from crack_lightning.limits import (
+    SERVER_MAX_BATCH,
+    SERVER_MAX_PIXELS,
+    SERVER_MAX_QUEUE,
+    SERVER_MAX_UPLOAD_MB,
+)
+from crack_lightning.serve.batcher import API_KEY_HEADER, Batcher, QueueFull
+
+
+def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a request body over ``max_bytes``, announced or streamed."""
+
+    FLAG = "crack_lightning.body_too_large"
+
+    class _TooLarge(Exception):
+        pass
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        message = f"upload larger than the limit of {self.max_bytes / 1e6:g} MB"
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await _error(413, message)(scope, receive, send)
+        received, started = 0, False
+
+        async def limited_receive():
+            nonlocal received
+            msg = await receive()
+            if msg["type"] == "http.request":
+                received += len(msg.get("body", b""))
+                if received > self.max_bytes:
+                    scope[BodyLimit.FLAG] = True  # parsers may wrap the exception: the endpoint checks this
+                    raise BodyLimit._TooLarge
+            return msg
+
+        async def tracking_send(msg):
+            nonlocal started
+            started = started or msg["type"] == "http.response.start"
+            await send(msg)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except BodyLimit._TooLarge:
+            if not started:
+                await _error(413, message)(scope, receive, send)
+
+
+def create_app(predictor, *, api_key: str | None = None, max_upload_mb: float = SERVER_MAX_UPLOAD_MB,
+               max_queue: int = SERVER_MAX_QUEUE, max_batch: int = SERVER_MAX_BATCH, max_pixels: int = SERVER_MAX_PIXELS,
+               decode_threads: int = 4, max_localize: int = 2):
+    """The FastAPI application around a loaded :class:`~crack_lightning.predict.Predictor`."""
+    batcher = Batcher(predictor, max_batch=max_batch, max_queue=max_queue)
+    decoders = ThreadPoolExecutor(decode_threads, thread_name_prefix="decode")
+    prepare = predictor.preparer(max_pixels)
+    localize_slots = asyncio.Semaphore(max_localize)
+    model_name = Path(str(predictor.checkpoint)).name
+    threshold = float(predictor.threshold)
+    names = list(predictor.class_names)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        await batcher.start()
+        yield
+        await batcher.stop()
+        decoders.shutdown(wait=False, cancel_futures=True)
+
+    # FastAPIOffline: /docs and /redoc from files the fastapi-offline package ships (FastAPI's own pages
+    # load them from a CDN: a blank page on a machine without internet)
+    app = FastAPIOffline(title="crack_lightning", version=_version(), lifespan=lifespan,
+                  description="Is there a crack in this photo of concrete? Patches (`/v1/predict`) and "
+                              "full-size photos (`/v1/localize`).")
+    app.state.batcher = batcher
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc: HTTPException):
+        return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, exc: RequestValidationError):
+        return _error(400, "malformed request: " + "; ".join(e.get("msg", "") for e in exc.errors())[:500])
+
+    @app.middleware("http")
+    async def check_key(request: Request, call_next):
+        guarded = request.url.path == "/healthz" or request.url.path.startswith("/v1/")
+        if api_key and guarded and not hmac.compare_digest(request.headers.get(API_KEY_HEADER, ""), api_key):
+            return _error(401, f"missing or wrong {API_KEY_HEADER} header")
+        return await call_next(request)
+
+    async def read_files(request: Request, field: str) -> list[tuple[str, bytes]]:
+        content_type = request.headers.get("content-type", "")
+        if not content_type.startswith("multipart/form-data"):
+            raise HTTPException(400, f"send the images as multipart/form-data, field '{field}'")
+        try:
+            form = await request.form(max_files=10_000)
+        except Exception as exc:  # noqa: BLE001 - whatever the multipart parser says, it is the client's request
+            if request.scope.get(BodyLimit.FLAG):
+                raise BodyLimit._TooLarge from exc
+            raise HTTPException(400, f"malformed multipart body: {exc}") from exc
+        if request.scope.get(BodyLimit.FLAG):
+            await form.close()
+            raise BodyLimit._TooLarge
+        try:
+            uploads = [u for u in form.getlist(field) if isinstance(u, UploadFile)]
+            if not uploads:
+                raise HTTPException(400, f"no file in the multipart field '{field}'")
+            return [(u.filename or f"file{i + 1}", await u.read()) for i, u in enumerate(uploads)]
+        finally:
+            await form.close()  # spooled parts are freed now, not whenever the GC runs
+
+    async def decode(data: bytes, fn):
+        return await asyncio.get_running_loop().run_in_executor(decoders, fn, data)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok", "model": model_name, "threshold": threshold, "class_names": names,
+                "queue": batcher.waiting, "batches": batcher.batches, "images": batcher.images}
+
+    @app.post("/v1/predict", summary="Crack probability of each uploaded image (multipart field `files`)")
+    async def predict(request: Request):
+        files = await read_files(request, "files")
+        prepared = await asyncio.gather(*(decode(data, _try(prepare)) for _, data in files))
+        good = [i for i, (item, err) in enumerate(prepared) if err is None]
+        try:
+            probs = await batcher.submit([prepared[i][0] for i in good])
+        except QueueFull as exc:
+            return _error(503, f"server busy: {exc}; retry shortly", {"Retry-After": "1"})
+        by_index = dict(zip(good, probs))
+        results = []
+        for i, (name, _) in enumerate(files):
+            if i in by_index:
+                p = float(by_index[i])
+                results.append({"filename": name, "probability": round(p, 6), "label": names[int(p >= threshold)]})
+            else:
+                results.append({"filename": name, "error": prepared[i][1]})
+        return {"results": results, "threshold": threshold, "model": model_name}
+
+    @app.post("/v1/localize", summary="Crack probability of every tile of one photo (multipart field `file`)")
+    async def localize(request: Request, tile: int = TRAINING_TILE, stride: int = 0):
+        if tile < 32 or stride < 0:
+            raise HTTPException(400, "tile must be >= 32 and stride >= 0")
+        files = await read_files(request, "file")
+        if len(files) != 1:
+            raise HTTPException(400, f"send exactly one photo in the field 'file', got {len(files)}")
+        name, data = files[0]
+        if localize_slots.locked() and batcher.waiting >= batcher.max_queue:  # both saturated: shed load
+            return _error(503, "server busy; retry shortly", {"Retry-After": "5"})
+        async with localize_slots:
+            image, err = await decode(data, _try(lambda b: decode_image(b, max_pixels)))
+            if err:
+                return _error(422, f"{name}: {err}")
+            loc = await asyncio.get_running_loop().run_in_executor(
+                batcher.model_thread, localize_array, image, predictor, tile, stride or None, name)
+            png = await decode(loc, heat_layer_png)
+        crack = loc.crack_tiles
+        return {"filename": name, "width": loc.width, "height": loc.height, "threshold": threshold,
+                "tiles": [{"x": t.x, "y": t.y, "width": t.width, "height": t.height,
+                           "probability": round(t.probability, 6)} for t in loc.tiles],
+                "crack_tiles": len(crack), "crack_fraction": round(loc.crack_fraction(), 6),
+                "heatmap_png": base64.b64encode(png).decode("ascii")}
+
+    static = resources.files("crack_lightning.serve") / "static"
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page():
+        return HTMLResponse((static / "index.html").read_text(encoding="utf-8"))
+
+    app.mount("/static", StaticFiles(directory=str(static)), name="static")
+    app.add_middleware(BodyLimit, max_bytes=int(max_upload_mb * 1e6))
+    return app
+
+
+def _try(fn):
+    """``fn`` returning ``(result, None)``, or ``(None, reason)`` for a file that is not a usable image."""
+    def run(arg):
+        try:
+            return fn(arg), None
+        except BadImageError as exc:
+            return None, str(exc)
+    return run
+
+
+def _version() -> str:
+    from crack_lightning import __version__
+
+    return __version__
