@@ -2,7 +2,7 @@
 """Does torch.compile pay for this model? The model alone, on random tensors, eager vs compiled.
 
     python bench/compile.py                       # CPU -> results/compile/compile.json, results/compile/compile.md
-    python bench/compile.py --device cuda --out bench/compile_gpu.json
+    python bench/compile.py --device cuda --out results/compile/gpu.json
 
 Five rows on a CPU, four on a GPU; same model (the released checkpoint), same batch, each timed after two warm-up calls:
   inference  eager (inference_mode, channels_last; bf16 autocast on a GPU) vs torch.compile,

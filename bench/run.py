@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Speed benchmarks on whatever machine runs them; writes results/run/cpu.json and results/run/cpu.md.
+"""Speed benchmarks on whatever machine runs them; writes results/run/<date-time>_<host>.json and .md.
 
     python bench/run.py --data ../shared/data/mendeley --run runs/mendeley_lite0_ort
 

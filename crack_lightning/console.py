@@ -7,9 +7,11 @@ anything new still shows.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import warnings
+from typing import Iterator
 
 _CHATTER = re.compile(
     r"💡 Tip|GPU available:|TPU available:|HPU available:|IPU available:|was configured so|"
@@ -46,13 +48,24 @@ class _DropChatter(logging.Filter):
 _FILTER = _DropChatter()
 
 
-def quiet_lightning() -> None:
-    """Drop Lightning's informational banners and the warnings listed above (idempotent)."""
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
-                 "lightning.pytorch.accelerators.cuda", "lightning.fabric.utilities.distributed",
-                 "lightning.pytorch.strategies.ddp"):
-        logger = logging.getLogger(name)
-        if _FILTER not in logger.filters:
-            logger.addFilter(_FILTER)
-    for pattern in _IGNORED_WARNINGS:
-        warnings.filterwarnings("ignore", message=pattern)
+_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+            "lightning.pytorch.accelerators.cuda", "lightning.fabric.utilities.distributed",
+            "lightning.pytorch.strategies.ddp")
+
+
+@contextlib.contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """While the block runs: Lightning's informational banners and the warnings listed above are dropped.
+    Afterwards the process's warning filters and loggers are as they were (a library call must not
+    silence its caller's warnings)."""
+    added = [logging.getLogger(name) for name in _LOGGERS if _FILTER not in logging.getLogger(name).filters]
+    for logger in added:
+        logger.addFilter(_FILTER)
+    try:
+        with warnings.catch_warnings():
+            for pattern in _IGNORED_WARNINGS:
+                warnings.filterwarnings("ignore", message=pattern)
+            yield
+    finally:
+        for logger in added:
+            logger.removeFilter(_FILTER)

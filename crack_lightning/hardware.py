@@ -55,3 +55,16 @@ def hardware() -> str:
     if hw["gpu"]:
         return f"{hw['gpu_count']}x {hw['gpu']}"
     return f"CPU {hw['processor'] or hw['machine']}, {hw['cpu_count']} cores, {hw['torch_threads']} threads"
+
+
+def multi_node_problem() -> str | None:
+    """Why this process cannot be one node of a multi-node run, or ``None``: Lightning's DDP waits (for
+    30 minutes, silently) for nodes that a single machine's plain start will never bring."""
+    env = os.environ
+    launched = ("MASTER_ADDR" in env and "NODE_RANK" in env) or "SLURM_JOB_ID" in env or \
+        "TORCHELASTIC_RUN_ID" in env or "LSB_JOBID" in env
+    if launched:
+        return None
+    return ("this process was not started as one node of a multi-node job (no MASTER_ADDR and NODE_RANK, "
+            "SLURM, torchrun or LSF environment): start the same command on every node with MASTER_ADDR, "
+            "MASTER_PORT and NODE_RANK set, or leave --num_nodes at 1")

@@ -10,6 +10,10 @@ from __future__ import annotations
 # images
 MAX_PIXELS = 200_000_000  # decoding a file: ~14k x 14k, far above any camera photo, below what exhausts memory
 MIN_SIDE = 16  # the smallest image side a file may have
+# configuration files and values
+CONFIG_MAX_BYTES = 1_000_000  # a config file (the largest shipped one is ~2 kB)
+CONFIG_MAX_DEPTH = 32  # nesting of mappings and lists
+CONFIG_MAX_ALIASES = 64  # YAML aliases (*name): an alias bomb expands exponentially
 # the model
 IMAGE_SIZE = (16, 4096)  # a backbone's square input side (0 = the backbone's own)
 HEAD_HIDDEN = (0, 65536)  # the head's hidden width (0 = a linear head)
@@ -19,6 +23,8 @@ SERVER_MAX_UPLOAD_MB = 50.0  # one request's body
 SERVER_MAX_PIXELS = 60_000_000  # one image of a request: a 12 MP photo is 12,000,000
 SERVER_MAX_QUEUE = 512  # images waiting for the model across all requests
 SERVER_MAX_BATCH = 32  # images the model runs at once
+SERVER_MAX_TILES = 20_000  # tiles of one /v1/localize request (a 12 MP photo at 227 px, 50 % overlap: ~1,000)
+SERVER_SHUTDOWN_S = 5  # seconds a stopping server (SIGTERM, Ctrl+C) gives open requests
 
 
 def in_range(value: object, bounds: tuple[int, int]) -> bool:

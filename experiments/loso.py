@@ -11,7 +11,7 @@ is then tested on its held-out tiles by the issue's protocol: the four 224x224 t
 photo, crack = >= 0.5 % crack pixels, no crack = no crack pixel within the tile grown by 8 px. Reported
 per fold: precision, recall, F1 (at the model's stored threshold), the false-alarm rate on the crack-free
 walls (rissbilder fold), the accuracy on the run's Mendeley test patches and the recall on the masonry
-set (evaluation only). Writes bench/loso.json and .md. Nothing here is tuned on the held-out data.
+set (evaluation only). Writes results/loso/. Nothing here is tuned on the held-out data.
 
 Fold ``all`` holds nothing out: the candidate release, trained on every source (scored on the
 Mendeley test patches and the masonry set only). Training and scoring can run apart, e.g. train on

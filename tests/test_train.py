@@ -284,3 +284,18 @@ def test_fpr_threshold_rule_and_val_f1_monitor_end_to_end(tmp_path):
     lower = probs[probs < thr - 1e-6]
     if len(lower):  # any lower threshold (the next score down) would break the budget
         assert binary_metrics(probs, labels, float(lower.max()))["fp"] > 0
+
+
+def test_quieting_lightning_is_undone_after_the_run():
+    """The recipe hides Lightning's banners and known warnings while it runs; a library caller's own
+    warning filters and loggers are as they were afterwards."""
+    import logging
+    import warnings
+
+    from crack_lightning.console import quiet_lightning
+
+    before = list(warnings.filters)
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    with quiet_lightning():
+        assert len(warnings.filters) > len(before) and logger.filters
+    assert warnings.filters == before and not logger.filters

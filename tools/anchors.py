@@ -42,18 +42,18 @@ def run(args: argparse.Namespace) -> int:
     if out.exists():
         raise ConfigError(f"{path_text(out)} exists: choose a new --output file")
     records = read_run_split(run_dir, args.path_map, need=("train",))
-    quiet_lightning()
-    cfg = load_config(run_dir / "config.yaml", [("data.num_workers", str(args.num_workers))])
-    model = load_model(model_file)
-    dm = CrackDataModule(cfg.data, records=records, pre=model.pre, run_dir=run_dir)
-    anchors = site_anchors(cfg, model, dm)
-    if anchors is None:
-        raise ConfigError(f"{path_text(model_file)}: no anchors to store (its head is not one linear layer, "
-                          "or the split has no training rows)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_release(model, out, metrics=model.meta.get("metrics"), anchors=anchors)
-    print(f"{len(anchors['labels'])} training anchors ({int(anchors['labels'].sum())} crack) stored -> {path_text(out)}")
-    return 0
+    with quiet_lightning():
+        cfg = load_config(run_dir / "config.yaml", [("data.num_workers", str(args.num_workers))])
+        model = load_model(model_file)
+        dm = CrackDataModule(cfg.data, records=records, pre=model.pre, run_dir=run_dir)
+        anchors = site_anchors(cfg, model, dm)
+        if anchors is None:
+            raise ConfigError(f"{path_text(model_file)}: no anchors to store (its head is not one linear layer, "
+                              "or the split has no training rows)")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_release(model, out, metrics=model.meta.get("metrics"), anchors=anchors)
+        print(f"{len(anchors['labels'])} training anchors ({int(anchors['labels'].sum())} crack) stored -> {path_text(out)}")
+        return 0
 
 
 if __name__ == "__main__":

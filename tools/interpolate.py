@@ -48,26 +48,26 @@ def run(args: argparse.Namespace) -> int:
     if not 0.0 <= args.alpha <= 1.0:
         raise ConfigError(f"--alpha must be in [0, 1], got {args.alpha}")
     records = read_run_split(tuned_dir, args.path_map, need=("val", "test"))
-    quiet_lightning()
-    cfg = load_config(tuned_dir / "config.yaml", [
-        ("output_dir", str(out.parent)), ("run_name", out.name), ("train.interpolate", str(args.alpha)),
-        ("trainer.precision", "32-true"), ("data.num_workers", str(args.num_workers))])
-    start, model = load_model(args.start), load_model(tuned_dir / "model.pt", trainable=True)
-    model.load_state_dict(interpolate(start.state_dict(), model.state_dict(), args.alpha))
-    out.mkdir(parents=True)
-    write_text(out / "config.yaml", dump_yaml(cfg))
-    write_split_csv(records, out / "split.csv", cfg.data.class_names)
-    if (tuned_dir / "train_wall_s.txt").is_file():  # the training it took, for experiments/loso.py
-        shutil.copy(tuned_dir / "train_wall_s.txt", out / "train_wall_s.txt")
-    dm = CrackDataModule(cfg.data, records=records, pre=model.pre, run_dir=out)
-    dm.setup("test")
-    result = {"run_dir": str(out), "start": str(args.start), "tuned": str(tuned_dir), "interpolate": args.alpha}
-    result = finish(cfg, model, dm, out, result)
-    write_json(out / "metrics.json", result)
-    m = result["after"]
-    print(f"alpha {args.alpha}: threshold {result['threshold']:.3f}, val F1 {m['val']['f1']:.4f}"
-          + (f", test acc {m['test']['acc']:.4f}" if "test" in m else "") + f" -> {out / 'model.pt'}")
-    return 0
+    with quiet_lightning():
+        cfg = load_config(tuned_dir / "config.yaml", [
+            ("output_dir", str(out.parent)), ("run_name", out.name), ("train.interpolate", str(args.alpha)),
+            ("trainer.precision", "32-true"), ("data.num_workers", str(args.num_workers))])
+        start, model = load_model(args.start), load_model(tuned_dir / "model.pt", trainable=True)
+        model.load_state_dict(interpolate(start.state_dict(), model.state_dict(), args.alpha))
+        out.mkdir(parents=True)
+        write_text(out / "config.yaml", dump_yaml(cfg))
+        write_split_csv(records, out / "split.csv", cfg.data.class_names)
+        if (tuned_dir / "train_wall_s.txt").is_file():  # the training it took, for experiments/loso.py
+            shutil.copy(tuned_dir / "train_wall_s.txt", out / "train_wall_s.txt")
+        dm = CrackDataModule(cfg.data, records=records, pre=model.pre, run_dir=out)
+        dm.setup("test")
+        result = {"run_dir": str(out), "start": str(args.start), "tuned": str(tuned_dir), "interpolate": args.alpha}
+        result = finish(cfg, model, dm, out, result)
+        write_json(out / "metrics.json", result)
+        m = result["after"]
+        print(f"alpha {args.alpha}: threshold {result['threshold']:.3f}, val F1 {m['val']['f1']:.4f}"
+              + (f", test acc {m['test']['acc']:.4f}" if "test" in m else "") + f" -> {out / 'model.pt'}")
+        return 0
 
 
 if __name__ == "__main__":

@@ -42,3 +42,24 @@ def guarded(main: Callable[[], int]) -> int:
         print("interrupted: a run that finished an epoch keeps its checkpoints (continue with the same command "
               "plus --resume --run_name NAME); one that had not is removed", file=sys.stderr)
         return 130
+
+
+def number(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False):
+    """An argparse ``type`` for a finite number within ``[low, high]`` (``low_open``: above ``low``): NaN,
+    infinities and out-of-range values are a usage error naming the option, never a traceback later."""
+    import argparse
+    import math
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if not math.isfinite(value) or (low is not None and (value <= low if low_open else value < low)) \
+                or (high is not None and value > high):
+            where = f"{'>' if low_open else '>='} {low}" if high is None else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"must be a finite number {where}, got {text!r}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its message
+    return parse

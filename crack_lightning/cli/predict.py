@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from crack_lightning.cli.guard import guarded
+from crack_lightning.cli.guard import guarded, number
 from crack_lightning.errors import ConfigError
 from crack_lightning.files import (
     check_output_dir,
@@ -15,7 +15,7 @@ from crack_lightning.files import (
     write_json,
     written_by_us,
 )
-from crack_lightning.limits import MIN_TILE
+from crack_lightning.limits import IMAGE_SIZE, MIN_TILE
 
 
 def predict_entry() -> None:
@@ -35,8 +35,8 @@ def predict_parser():
                    help="CSV to write (default predictions.csv); with --localize/--explain a folder")
     p.add_argument("--localize", action="store_true",
                    help="inputs are full-size photos: slide over tiles, write tiles CSV + heatmap + summary.csv")
-    p.add_argument("--tile", type=int, default=227, help="--localize tile size in pixels (training scale: 227)")
-    p.add_argument("--stride", type=int, default=0, help="--localize stride (default: tile/2, i.e. 50%% overlap)")
+    p.add_argument("--tile", type=number(int, MIN_TILE, IMAGE_SIZE[1]), default=227, help="--localize tile size in pixels (training scale: 227)")
+    p.add_argument("--stride", type=number(int, 0, IMAGE_SIZE[1]), default=0, help="--localize stride (default: tile/2, i.e. 50%% overlap)")
     p.add_argument("--explain", action="store_true", help="write a Grad-CAM PNG for each input patch")
     p.add_argument("--split", default=None, metavar="SPLIT_CSV[:NAME]",
                    help="also predict the images of a run's split.csv (default split: test)")
@@ -47,14 +47,17 @@ def predict_parser():
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--engine", default="auto", choices=["auto", "torch", "onnx"],
                    help="auto: ONNX Runtime on CPU (2-3x faster), PyTorch on GPU")
-    p.add_argument("--batch-size", type=int, default=0, help="default: 32 on a CPU, 256 on a GPU")
-    p.add_argument("--workers", type=int, default=-1,
+    p.add_argument("--batch-size", type=number(int, 0), default=0, help="default: 32 on a CPU, 256 on a GPU")
+    p.add_argument("--workers", type=number(int, -1), default=-1,
                    help="decode worker processes (default: 1 on a CPU; on a GPU, cores - 1 up to 16)")
-    p.add_argument("--threshold", type=float, default=None, help="override the threshold stored in the checkpoint")
+    p.add_argument("--threshold", type=number(float, 0, 1), default=None, help="override the threshold stored in the checkpoint")
     p.add_argument("--calibrate-site", default=None, metavar="OUT.pt",
                    help="the INPUTs are photos of one site that show NO crack: write OUT.pt, the model adapted to "
                         "them (--calibrate-mode), its threshold just above every one of them (with --localize: "
                         "above every tile), then exit")
+    p.add_argument("--calibrate-anyway", action="store_true",
+                   help="calibrate even on photos the model is sure show a crack (refused otherwise: they would "
+                        "teach it to miss cracks)")
     p.add_argument("--calibrate-mode", default="head", choices=["head", "threshold"],
                    help="head (default): refit the linear head on the photos plus the training anchors the model "
                         "file carries, then the threshold; threshold: move the threshold only (weights unchanged)")
@@ -62,7 +65,7 @@ def predict_parser():
     dist.add_argument("--accelerator", default=None, choices=["cpu", "gpu", "cuda", "auto"],
                       help="run Lightning's Trainer.predict on this accelerator (instead of --device)")
     dist.add_argument("--devices", default=None, help="processes (CPU) or GPUs per node: N, or 'auto'")
-    dist.add_argument("--num_nodes", type=int, default=1, help="nodes (the --output folder must be shared)")
+    dist.add_argument("--num_nodes", type=number(int, 1), default=1, help="nodes (the --output folder must be shared)")
     return p
 
 
@@ -112,13 +115,15 @@ def predict_main(argv: list[str]) -> int:
     if args.calibrate_site:
         from crack_lightning.inference.calibrate import (
             calibrate_site,
-            is_release,
+            is_site_model,
             report,
         )
 
-        target = check_output_file(args.calibrate_site, [*paths, *model_files], "--calibrate-site", ours=is_release)
+        target = check_output_file(args.calibrate_site, [*paths, *model_files], "--calibrate-site",
+                                   ours=is_site_model)
         report(calibrate_site(checkpoint, paths, target, localize=args.localize, tile=args.tile,
-                              stride=args.stride or None, device=args.device, mode=args.calibrate_mode), target)
+                              stride=args.stride or None, device=args.device, mode=args.calibrate_mode,
+                              threshold=args.threshold, anyway=args.calibrate_anyway), target)
         return 0
     out, outputs = _check_outputs(args, paths, [*paths, *model_files])
     kwargs = dict(checkpoint=checkpoint, batch_size=args.batch_size, num_workers=args.workers,
@@ -138,12 +143,15 @@ def predict_main(argv: list[str]) -> int:
 
 
 def _check_options(args) -> None:
-    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
-        raise ConfigError(f"--threshold must be in [0, 1], got {args.threshold}")
-    if args.batch_size < 0 or args.workers < -1:
-        raise ConfigError("--batch-size must be >= 1 (0: automatic) and --workers >= 0 (-1: automatic)")
-    if args.tile < MIN_TILE or args.stride < 0:
-        raise ConfigError(f"--tile must be >= {MIN_TILE} and --stride >= 0")
+    if args.report and (args.localize or args.explain or args.calibrate_site):
+        raise ConfigError("--report evaluates labelled patches (predict.py's CSV); it does not apply to "
+                          "--localize, --explain or --calibrate-site: run it without them")
+    if args.num_nodes > 1:
+        from crack_lightning.hardware import multi_node_problem
+
+        problem = multi_node_problem()
+        if problem:
+            raise ConfigError(f"--num_nodes {args.num_nodes}: {problem}")
     if (args.localize or args.explain) and (args.accelerator is not None or args.devices is not None
                                             or args.num_nodes != 1):
         raise ConfigError("--accelerator/--devices/--num_nodes spread predict.py's CSV; "
@@ -197,12 +205,13 @@ def _check_outputs(args, paths: list[Path], protected: list[Path]) -> tuple[Path
 
 def _predict_distributed(args, paths: list[Path], kwargs: dict, out: Path):
     devices = _devices_arg(args.devices)
-    if args.num_nodes < 1:
-        raise ConfigError(f"--num_nodes must be >= 1, got {args.num_nodes}")
-    from crack_lightning.inference.distributed import predict_distributed
+    from crack_lightning.inference.distributed import predict_distributed, shards_ours
     from crack_lightning.inference.predictor import write_rows
 
     shards = out.parent / f".{out.name}.shards"
+    if not shards_ours(shards):
+        raise ConfigError(f"{path_text(shards)} (where the processes leave their shares) exists and holds files "
+                          "crack_lightning did not write: move it away or choose another --output")
     rows, predictor = predict_distributed(paths, kwargs, shards, args.accelerator or "auto", devices, args.num_nodes)
     return (None if rows is None else write_rows(rows, out)), predictor
 

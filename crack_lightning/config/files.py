@@ -7,6 +7,7 @@ from pathlib import Path
 import yaml
 
 from crack_lightning.config.parser import from_dict
+from crack_lightning.config.reader import load_yaml
 from crack_lightning.config.schema import SECTIONS, TOP_LEVEL, Config
 from crack_lightning.errors import ConfigError
 
@@ -20,39 +21,6 @@ def to_dict(cfg: Config) -> dict:
 
 def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key given twice in one mapping (plain YAML silently keeps the last)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise ConfigError(f"config key '{key}' appears twice (line {key_node.start_mark.line + 1}): "
-                                  "keep one")
-            seen.add(key)
-        return super().construct_mapping(node, deep)
-
-
-def load_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        values = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path} is not a UTF-8 text file (byte {exc.start}): save it as UTF-8") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    if values is None:
-        return {}
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    return values
 
 
 def parse_overrides(args: list[str]) -> list[tuple[str, str]]:

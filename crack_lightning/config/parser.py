@@ -11,6 +11,7 @@ from typing import Any, get_args, get_origin
 
 import yaml
 
+from crack_lightning.config.reader import check_yaml_value, load_yaml
 from crack_lightning.config.schema import SECTIONS, TOP_LEVEL, Config, _validate
 from crack_lightning.errors import ConfigError
 
@@ -119,18 +120,89 @@ def config_help(width: int = 100, cached: bool = True) -> str:
     return f"{sections.rstrip()}\n\n{trainer_help(width, cached)}"
 
 
+# where each trainer.* key's classes live: a class_path elsewhere is refused before anything is imported
+CLASS_KEYS = {"logger": "loggers", "callbacks": "callbacks", "strategy": "strategies", "accelerator": "accelerators",
+              "plugins": "plugins", "profiler": "profilers"}
+
+
+def _check_class_paths(trainer_values: dict, trainer_args: list[str]) -> None:
+    """Every ``class_path`` (or dotted class name) given to a ``trainer.*`` key names one of Lightning's
+    own classes for that key (``lightning.pytorch.loggers.*`` for the logger, ...): jsonargparse imports
+    the module named before it checks the type, and importing runs the module's code."""
+    found: list[tuple[str, Any]] = list(trainer_values.items())
+    for arg in trainer_args:
+        key, _, raw = arg[len("--trainer."):].partition("=")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        found.append((key.split(".")[0], value if key.count(".") == 0 else {key.split(".", 1)[1]: value}))
+
+    def paths(value: Any):
+        if isinstance(value, str):
+            yield value
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                if k == "class_path":
+                    yield str(v)
+                elif isinstance(v, (dict, list)):
+                    yield from paths(v)
+        elif isinstance(value, list):
+            for v in value:
+                yield from paths(v)
+
+    for key, value in found:
+        if key not in CLASS_KEYS:
+            continue
+        allowed = f"lightning.pytorch.{CLASS_KEYS[key]}."
+        for path in paths(value):
+            if "." in path and not path.startswith(allowed):
+                raise ConfigError(f"trainer.{key}: {path!r} is not one of Lightning's classes for it ({allowed}*): "
+                                  "refused before importing anything")
+
+
+def _logger_save_dir(trainer_values: dict, trainer_args: list[str], output_dir: str | None):
+    """A logger given by class alone (``--trainer.logger lightning.pytorch.loggers.CSVLogger``) writes under
+    ``output_dir``: most loggers need a ``save_dir`` and none can be guessed from the class."""
+    save_dir = str(output_dir or Config.output_dir)
+
+    def filled(value: Any) -> Any:
+        if isinstance(value, str) and value.startswith("lightning.pytorch.loggers."):
+            value = {"class_path": value}
+        if isinstance(value, dict) and "class_path" in value:
+            init = dict(value.get("init_args") or {})
+            init.setdefault("save_dir", save_dir)
+            value = {**value, "init_args": init}
+        return value
+
+    if "logger" in trainer_values:
+        trainer_values = {**trainer_values, "logger": filled(trainer_values["logger"])}
+    args = []
+    for arg in trainer_args:
+        key, _, raw = arg.partition("=")
+        if key == "--trainer.logger" and raw.startswith("lightning.pytorch.loggers.") and \
+                not any(a.startswith("--trainer.logger.init_args.save_dir=") for a in trainer_args):
+            args += [arg, f"--trainer.logger.init_args.save_dir={save_dir}"]
+        else:
+            args.append(arg)
+    return trainer_values, args
+
+
+def _check_keys(values: dict, node: Any = Config, prefix: str = "") -> None:
+    """Every key of a config mapping names a field of the schema (the dataclasses, torch-free): an unknown
+    one is reported with the keys valid there, before jsonargparse sees the mapping."""
+    hints = typing.get_type_hints(node)
+    for key, value in values.items():
+        if not isinstance(key, str) or key not in hints:
+            raise ConfigError(_unknown(f"{prefix}{key}"))
+        if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
+            _check_keys(value, hints[key], f"{prefix}{key}.")
+
+
 def _message(exc: Exception) -> str:
-    """jsonargparse's error as one line that names the key."""
+    """jsonargparse's type complaint as one line that names the key (unknown keys never get this far:
+    :func:`_check_keys`)."""
     text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-    m = re.match(r"Group '([\w.]+)' does not accept option '([\w.]+)'", text)
-    if m:
-        return _unknown(f"{m.group(1)}.{m.group(2)}")
-    m = re.match(r"(?:Option|Key) '([\w.]+)' is not (?:accepted|expected)", text)
-    if m:
-        return _unknown(m.group(1))
-    m = re.match(r"unrecognized arguments: --([\w.]+)", text)
-    if m:
-        return _unknown(m.group(1))
     m = re.match(r'Parser key "([\w.]+)": (.*)', text)
     if m:
         return f"{m.group(1)}: {_reason(m.group(2))}"
@@ -187,18 +259,29 @@ def from_dict(values: dict, overrides: list[tuple[str, str]] | None = None) -> C
     from jsonargparse import ArgumentError
 
     values = {k: v for k, v in (values or {}).items() if v is not None}  # `data:` left empty = defaults
-    for key in values:
-        if key not in {*SECTIONS, "trainer", *TOP_LEVEL}:
-            raise ConfigError(_unknown(str(key)))
+    _check_keys({k: v for k, v in values.items() if k != "trainer"})
     trainer_values = values.pop("trainer", {})
     if not isinstance(trainer_values, dict):
         raise ConfigError(f"trainer: expected a mapping of lightning.Trainer arguments, got {trainer_values!r}")
     section_args, trainer_args = [], []
     for key, raw in overrides or []:
-        if key == "trainer" or key.startswith("trainer."):
+        check_yaml_value(raw, f"--{key}")
+        if key in (*SECTIONS, "trainer"):  # --data FILE.yaml: read here, within bounds, merged like the file's
+            section = load_yaml(raw)
+            if key == "trainer":
+                trainer_values = {**trainer_values, **section}
+            else:
+                _check_keys({key: section})
+                values[key] = {**(values.get(key) or {}), **section}
+        elif key.startswith("trainer."):
             trainer_args.append(f"--{key}={raw}")
         else:
+            if _annotation(key) is None:
+                raise ConfigError(_unknown(key))
             section_args.append(f"--{key}={_cli_value(key, raw)}")
+    _check_class_paths(trainer_values, trainer_args)
+    trainer_values, trainer_args = _logger_save_dir(trainer_values, trainer_args,
+                                                    dict(overrides or []).get("output_dir", values.get("output_dir")))
     given = [*trainer_values, *(a[len("--trainer."):].split("=", 1)[0].split(".")[0]
                                 for a in trainer_args if a.startswith("--trainer."))]
     for name in given:  # names first, torch-free; their values need Lightning's signature (below)

@@ -194,6 +194,9 @@ def _validate(cfg: Config) -> None:
             re.compile(d.group_pattern)
         except re.error as exc:
             raise ConfigError(f"data.group_pattern is not a valid regular expression: {exc}") from exc
+    for key, seed in (("seed", cfg.seed), ("data.seed", d.seed)):
+        if not 0 <= seed < 2**32:  # what numpy and Lightning's seed_everything take
+            raise ConfigError(f"{key}: must be an integer 0 to {2**32 - 1}, got {seed}")
     name = cfg.run_name
     if name and (name in (".", "..") or "/" in name or "\\" in name or name.startswith("~")):
         raise ConfigError(f"run_name must be a plain folder name (no '/', '..'), got {name!r}")

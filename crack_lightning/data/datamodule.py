@@ -2,6 +2,7 @@
 for the frozen stage."""
 from __future__ import annotations
 
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Callable
@@ -23,6 +24,7 @@ from crack_lightning.data.records import SPLITS, Record, read_split_csv
 from crack_lightning.data.split import build_split
 from crack_lightning.data.transforms import eval_transform, train_transform
 from crack_lightning.errors import DataError
+from crack_lightning.files import path_text
 
 
 class CrackDataModule(L.LightningDataModule):
@@ -56,7 +58,12 @@ class CrackDataModule(L.LightningDataModule):
         if self.records is None:
             if not self.run_dir or not (self.run_dir / "split.csv").is_file():
                 raise DataError("no split to train on: CrackDataModule.prepare_data() has not written split.csv")
-            self.records = read_split_csv(self.run_dir / "split.csv")
+            records = read_split_csv(self.run_dir / "split.csv")
+            gone = sorted({r.path for r in records if not os.path.isfile(r.path)})
+            if gone:  # a resumed run reads the split it was started with: every file must still be there
+                raise DataError(f"{len(gone)} image(s) of the run's split.csv are gone, e.g. {path_text(gone[0])}: "
+                                "restore them (or point --data.root at where they are now and start a new run)")
+            self.records = records
 
     # ---- the cached-feature frozen stage: what the loaders serve ----------------------------------
     def cache_features(self, make_extractor: Callable[[], Callable], views: int = 0, cache_file: Path | None = None,

@@ -27,6 +27,10 @@ from crack_lightning.limits import MAX_PIXELS, MIN_SIDE
 # refusal: align it with ours so that the documented limit is the real one (callers may ask for less)
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+# the formats decoded (MPO: a phone's multi-picture JPEG). Their header states the size of what is decoded,
+# so the pixel limit is checked before any pixel; a container format (ICO, ICNS, ...) may wrap an inner
+# image far larger than its header says, and is refused
+IMAGE_FORMATS = {"JPEG", "MPO", "PNG", "BMP", "TIFF", "WEBP"}
 _JPEG_WARNING = ("Corrupt JPEG data", "Premature end of JPEG", "Invalid JPEG", "Bogus", "JPEG datastream")
 
 
@@ -61,6 +65,10 @@ def open_image(source: Source, max_pixels: int = MAX_PIXELS) -> Image.Image:
         raise BadImageError(f"cannot open: {exc}") from exc
     except Exception as exc:  # noqa: BLE001 - a hostile header can raise anything in a plugin (ValueError, struct.error...)
         raise BadImageError(f"malformed image header: {exc.__class__.__name__}: {exc}") from exc
+    if img.format not in IMAGE_FORMATS:
+        fmt = img.format
+        img.close()
+        raise BadImageError(f"unsupported image format {fmt} (use JPEG, PNG, BMP, TIFF or WebP)")
     w, h = img.size
     if w * h > max_pixels:
         img.close()

@@ -178,6 +178,11 @@ def tile_origins(length: int, tile: int, stride: int) -> list[int]:
     return starts
 
 
+def tile_count(width: int, height: int, tile: int, stride: int) -> int:
+    """How many tiles :func:`iter_tiles` yields, without making them (a request's work, bounded before it)."""
+    return len(tile_origins(width, tile, stride)) * len(tile_origins(height, tile, stride))
+
+
 def iter_tiles(width: int, height: int, tile: int, stride: int) -> Iterator[Tile]:
     for y in tile_origins(height, tile, stride):
         for x in tile_origins(width, tile, stride):

@@ -95,9 +95,12 @@ def photo_features(predictor, head: nn.Linear, paths: Sequence[Path], localize: 
 
 
 def calibrate_site(checkpoint: Path, paths: Sequence[Path], out: Path, *, localize: bool = False,
-                   tile: int = 227, stride: int | None = None, device: str = "cpu", mode: str = "head") -> dict:
+                   tile: int = 227, stride: int | None = None, device: str = "cpu", mode: str = "head",
+                   threshold: float | None = None, anyway: bool = False) -> dict:
     """Write ``out``: the model of ``checkpoint`` adapted to the crack-free photos in ``paths``
-    (``mode``, see the module docstring). Returns what was done (also stored in the new file's metrics)."""
+    (``mode``, see the module docstring), starting from ``threshold`` (else the stored one). Photos the
+    model is sure show a crack (>= :data:`HIGH`) are refused unless ``anyway``: calibrating on them
+    teaches the model to miss cracks. Returns what was done (also stored in the new file's metrics)."""
     from crack_lightning.errors import ConfigError
     from crack_lightning.inference.predictor import Predictor
     from crack_lightning.models.checkpoint import save_release
@@ -106,7 +109,8 @@ def calibrate_site(checkpoint: Path, paths: Sequence[Path], out: Path, *, locali
         raise ConfigError("--calibrate-site needs a PyTorch model (.pt/.ckpt): calibrate first, then --export")
     if mode not in MODES:
         raise ConfigError(f"--calibrate-mode must be one of {', '.join(MODES)}, got {mode!r}")
-    predictor = Predictor(checkpoint, device=device, engine="torch")  # the head's inputs are read off the live model
+    # the head's inputs are read off the live model
+    predictor = Predictor(checkpoint, device=device, engine="torch", threshold=threshold)
     model = predictor.model
     before = float(predictor.threshold)
     head, anchors = linear_head(model), (getattr(model, "meta", {}) or {}).get("site_anchors")
@@ -120,6 +124,15 @@ def calibrate_site(checkpoint: Path, paths: Sequence[Path], out: Path, *, locali
         scores = first = photo_scores(predictor, paths, localize, tile, stride)
     else:
         first, per_photo = photo_features(predictor, head, paths, localize, tile, stride)
+    cracked = sorted(((p, str(path)) for p, path in zip(first, paths) if p >= HIGH), reverse=True)
+    if cracked:
+        shown = ", ".join(f"{path_text(path)} ({p:.3f})" for p, path in cracked[:3])
+        said = (f"{len(cracked)} of the {len(first)} photos look cracked to the model (p >= {HIGH}): {shown}. "
+                "Calibrating on them teaches it to miss such cracks")
+        if not anyway:
+            raise InputError(f"{said}: show it only photos without a crack, or add --calibrate-anyway")
+        print(f"warning: {said}", file=sys.stderr)
+    if mode == "head":
         site_x = torch.cat(per_photo)
         ax, ay = anchors["features"].float(), anchors["labels"].float()
         if ax.ndim != 2 or ax.shape[1:] != site_x.shape[1:] or len(ay) != len(ax):
@@ -176,12 +189,14 @@ def report(info: dict, out: Path) -> None:
               f"Check that these photos really show no crack: {shown}", file=sys.stderr)
 
 
-def is_release(path: Path) -> bool:
-    """``ours`` for the output check: a release model file this project wrote may be replaced."""
+def is_site_model(path: Path) -> bool:
+    """``ours`` for ``--calibrate-site``'s output check: only a model an earlier calibration wrote may be
+    replaced, never another model file (a shipped model, a run's ``model.pt``)."""
     from crack_lightning.errors import CheckpointError
     from crack_lightning.models.checkpoint import RELEASE_FORMAT, read_checkpoint
 
     try:
-        return read_checkpoint(path).get("format") == RELEASE_FORMAT
+        ckpt = read_checkpoint(path)
     except CheckpointError:
         return False
+    return ckpt.get("format") == RELEASE_FORMAT and "site_calibration" in (ckpt.get("metrics") or {})

@@ -12,7 +12,7 @@ With several nodes the output folder must be shared by all of them.
 """
 from __future__ import annotations
 
-import shutil
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -74,23 +74,41 @@ def predict_distributed(paths: Sequence[Path], predictor_kwargs: dict[str, Any],
     process's predictor. ``shard_dir`` is removed afterwards."""
     from crack_lightning.console import quiet_lightning
 
-    quiet_lightning()
-    strategy = "ddp" if num_nodes > 1 or devices not in (1, "1") else "auto"
-    module = PredictModule(paths, predictor_kwargs)
+    with quiet_lightning():
+        strategy = "ddp" if num_nodes > 1 or devices not in (1, "1") else "auto"
+        module = PredictModule(paths, predictor_kwargs)
+        try:
+            trainer = L.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
+                                callbacks=[ShardWriter(shard_dir)], logger=False, enable_checkpointing=False,
+                                enable_model_summary=False, enable_progress_bar=progress)
+        except (MisconfigurationException, ValueError, TypeError) as exc:
+            raise InputError(f"--accelerator {accelerator} --devices {devices}: {exc}"
+                             f"{no_gpu_hint(accelerator, '--accelerator')}") from None
+        trainer.predict(module, return_predictions=False)
+        trainer.strategy.barrier()
+        if trainer.global_rank != 0:
+            return None, module.predictor
+        rows = merge_shards(paths, shard_dir, module.predictor, trainer.world_size)
+        remove_shards(shard_dir, trainer.world_size)
+        return rows, module.predictor
+
+
+SHARD = re.compile(r"rank\d+\.pt")
+
+
+def shards_ours(shard_dir: Path) -> bool:
+    """Whether ``shard_dir`` is absent or holds only shard files this module writes (an interrupted run's)."""
+    return not shard_dir.exists() or (shard_dir.is_dir() and all(SHARD.fullmatch(p.name) for p in shard_dir.iterdir()))
+
+
+def remove_shards(shard_dir: Path, world_size: int) -> None:
+    """Remove the shard files this run wrote, and the folder once empty: never a file it did not write."""
+    for rank in range(world_size):
+        (shard_dir / f"rank{rank}.pt").unlink(missing_ok=True)
     try:
-        trainer = L.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
-                            callbacks=[ShardWriter(shard_dir)], logger=False, enable_checkpointing=False,
-                            enable_model_summary=False, enable_progress_bar=progress)
-    except (MisconfigurationException, ValueError, TypeError) as exc:
-        raise InputError(f"--accelerator {accelerator} --devices {devices}: {exc}"
-                         f"{no_gpu_hint(accelerator, '--accelerator')}") from None
-    trainer.predict(module, return_predictions=False)
-    trainer.strategy.barrier()
-    if trainer.global_rank != 0:
-        return None, module.predictor
-    rows = merge_shards(paths, shard_dir, module.predictor, trainer.world_size)
-    shutil.rmtree(shard_dir, ignore_errors=True)
-    return rows, module.predictor
+        shard_dir.rmdir()
+    except OSError:
+        pass
 
 
 def merge_shards(paths: Sequence[Path], shard_dir: Path, predictor: Predictor, world_size: int) -> list[Row]:

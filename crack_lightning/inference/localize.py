@@ -11,6 +11,7 @@ import csv
 import io
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import matplotlib
 
@@ -70,15 +71,23 @@ def localize(path: str | Path, predictor, tile: int = TRAINING_TILE, stride: int
     return localize_array(image, predictor, tile, stride, str(path), progress), image
 
 
+class Stopped(Exception):
+    """The work was called off (its client left, or the server is stopping)."""
+
+
 def localize_array(image: np.ndarray, predictor, tile: int = TRAINING_TILE, stride: int | None = None,
-                   name: str = "photo", progress: bool = False) -> Localization:
-    """Classify every tile of a decoded ``HxWx3`` photo (what :func:`localize` and the server share)."""
+                   name: str = "photo", progress: bool = False,
+                   should_stop: Callable[[], bool] | None = None) -> Localization:
+    """Classify every tile of a decoded ``HxWx3`` photo (what :func:`localize` and the server share).
+    ``should_stop`` is asked before every batch: true raises :class:`Stopped`."""
     stride = stride or tile // 2
     height, width = image.shape[:2]
     tf = eval_transform(predictor.pre)
     tiles = list(iter_tiles(width, height, tile, stride))
     for start in tqdm(range(0, len(tiles), predictor.batch_size), desc=f"tiles of {Path(name).name}",
                       unit="batch", disable=not progress):
+        if should_stop is not None and should_stop():
+            raise Stopped(name)
         chunk = tiles[start:start + predictor.batch_size]
         batch = torch.stack([tf(image=image[t.y:t.y + t.height, t.x:t.x + t.width])["image"] for t in chunk])
         for t, p in zip(chunk, predictor.probabilities(batch).tolist()):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import csv
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -23,7 +23,6 @@ from crack_lightning.errors import InputError
 from crack_lightning.files import atomic_write, csv_path, csv_text
 from crack_lightning.inference.outputs import DEFAULT_CHECKPOINT, PREDICTIONS_HEADER
 from crack_lightning.limits import MAX_PIXELS
-from crack_lightning.models.checkpoint import load_model
 from crack_lightning.models.metrics import binary_metrics
 
 
@@ -70,7 +69,6 @@ class Predictor:
     engine: str = "auto"  # auto: ONNX Runtime on CPU, PyTorch on GPU; or "torch" / "onnx"
     resize_on_device: bool | None = None  # None: on a GPU (PyTorch engine only; see defer_resize)
     progress: bool = False  # draw a progress bar over long work (the command line asks; a library call does not)
-    model: object = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.on_gpu = str(self.device).startswith("cuda")
@@ -86,32 +84,66 @@ class Predictor:
         if self.num_workers < 0:
             self.num_workers = min(16, max(1, (os.cpu_count() or 2) - 1)) if self.on_gpu else 1
         self.checkpoint = Path(self.checkpoint) if self.checkpoint else DEFAULT_CHECKPOINT
+        self._model, self._run = None, None
         if self.checkpoint.suffix == ".onnx":
             from crack_lightning.models.runtime import OnnxModel
 
-            self.model = OnnxModel(self.checkpoint)
-            self.pre, self.class_names, stored = self.model.pre, self.model.class_names, self.model.threshold
+            self._model = OnnxModel(self.checkpoint)
+            self.pre, self.class_names, stored = self._model.pre, self._model.class_names, self._model.threshold
         else:
-            self.model = load_model(self.checkpoint, self.device).to(memory_format=torch.channels_last)
-            self.pre, self.class_names = self.model.pre, list(self.model.hparams.class_names)
-            stored = float(self.model.threshold)
+            from crack_lightning.models.checkpoint import (
+                read_checkpoint,
+                stored_contract,
+            )
+            from crack_lightning.models.runtime import use_onnx
+
+            self._ckpt = read_checkpoint(self.checkpoint)
+            contract = stored_contract(self._ckpt, self.checkpoint)
+            if use_onnx(self.engine, self.device) and contract:
+                # ONNX Runtime on a CPU: a cached export of this file runs with no network built (no timm,
+                # no weights loaded: most of a one-photo start-up)
+                from crack_lightning.models.runtime import (
+                    cached_export,
+                    file_key,
+                    onnx_runner,
+                )
+
+                self.pre, self.class_names, stored = contract
+                onnx = cached_export(file_key(self.checkpoint, "probability", self.pre.size), self._export)
+                self._run = onnx_runner(onnx, self.pre.size)
+            else:
+                self.pre, self.class_names = self.model.pre, list(self.model.hparams.class_names)
+                stored = float(self.model.threshold)
+                if use_onnx(self.engine, self.device):
+                    from crack_lightning.inference.export import ProbabilityModel
+                    from crack_lightning.models.runtime import onnx_runner
+
+                    self._run = onnx_runner(ProbabilityModel(self.model).float(), self.pre.size)
         if self.threshold is None:  # a stored threshold is only used once it is known to be sane
             from crack_lightning.models.checkpoint import check_threshold
 
             self.threshold = check_threshold(stored, self.checkpoint)
-        from crack_lightning.models.runtime import onnx_runner, use_onnx
 
-        self._run = None
-        if isinstance(self.model, torch.nn.Module) and use_onnx(self.engine, self.device):
-            from crack_lightning.inference.export import ProbabilityModel
+    @property
+    def model(self):
+        """The network (built from the checkpoint when first asked: the ONNX path may never need it)."""
+        if self._model is None:
+            from crack_lightning.models.checkpoint import model_from
 
-            self._run = onnx_runner(ProbabilityModel(self.model).float(), self.pre.size)
+            self._model = model_from(self._ckpt, self.checkpoint, self.device).to(memory_format=torch.channels_last)
+        return self._model
+
+    def _export(self) -> bytes:
+        from crack_lightning.inference.export import ProbabilityModel
+        from crack_lightning.models.runtime import exported
+
+        return exported(ProbabilityModel(self.model).float().cpu(), self.pre.size)
 
     @property
     def device_normalize(self) -> bool:
         """PyTorch engine: the loader ships uint8 and the model normalises on its device
         (on a GPU, 4x fewer bytes to pin and copy)."""
-        return self._run is None and isinstance(self.model, torch.nn.Module)
+        return self._run is None and isinstance(self._model, torch.nn.Module)
 
     @property
     def defer_resize(self) -> bool:
@@ -156,7 +188,9 @@ class Predictor:
 
     def loader(self, paths: Sequence[Path]) -> DataLoader:
         """:class:`Batch` es of ``paths``, in order, ready for :meth:`probabilities`."""
-        return make_loader(self.dataset(paths), self.batch_size, self.num_workers,
+        # one batch or less: a worker process costs more (its start) than it overlaps
+        workers = 0 if len(paths) <= self.batch_size else self.num_workers
+        return make_loader(self.dataset(paths), self.batch_size, workers,
                            collate_fn=self.collate, pin_memory=self.on_gpu, prefetch_factor=4)
 
     def iter_rows(self, paths: Sequence[str | Path] | str | Path, progress: bool | None = None) -> Iterator[Row]:

@@ -10,13 +10,18 @@ from __future__ import annotations
 import pickle
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
+from crack_lightning.contract import Preprocessing
 from crack_lightning.errors import CheckpointError, WeightsError
 from crack_lightning.limits import HEAD_HIDDEN, IMAGE_SIZE, in_range
-from crack_lightning.models.network import CrackNet, model_arguments
+from crack_lightning.models.network import model_arguments
+
+if TYPE_CHECKING:
+    from crack_lightning.models.network import CrackNet
 
 RELEASE_FORMAT = "crack_lightning.release/1"
 
@@ -92,11 +97,36 @@ def float_weights(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return {k: v.float() if v.is_floating_point() and k != "threshold" else v for k, v in state_dict.items()}
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", trainable: bool = False) -> CrackNet:
+def load_model(path: str | Path, device: str | torch.device = "cpu", trainable: bool = False) -> "CrackNet":
     """Rebuild the model from a checkpoint (no pretrained download: the checkpoint has the weights): a
     :class:`CrackNet` for prediction (no Lightning import), or with ``trainable`` the LightningModule
     (:class:`~crack_lightning.models.classifier.CrackClassifier`) that Lightning's loops take."""
-    ckpt = read_checkpoint(path)
+    return model_from(read_checkpoint(path), path, device, trainable)
+
+
+def stored_contract(ckpt: dict[str, Any], where: str | Path) -> tuple[Preprocessing, list[str], float] | None:
+    """What prediction needs of a checkpoint without building its network: the preprocessing, the class
+    names and the threshold, each checked (``None`` when the file stores no preprocessing)."""
+    if not isinstance(ckpt.get("preprocessing"), dict):
+        return None
+    kwargs = check_hparams(dict(ckpt["hyper_parameters"]), where)
+    try:
+        pre = Preprocessing.from_dict(ckpt["preprocessing"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{where}: its stored preprocessing is damaged ({exc.__class__.__name__})") from None
+    if not in_range(pre.size, IMAGE_SIZE):
+        raise CheckpointError(f"{where}: stored input size {pre.size!r} is not {IMAGE_SIZE[0]}-{IMAGE_SIZE[1]}")
+    threshold = ckpt["state_dict"].get("threshold")
+    if not isinstance(threshold, torch.Tensor) or threshold.numel() != 1:
+        raise CheckpointError(f"{where}: no decision threshold stored")
+    return pre, list(kwargs.get("class_names", ("Negative", "Positive"))), threshold.item()
+
+
+def model_from(ckpt: dict[str, Any], path: str | Path, device: str | torch.device = "cpu",
+               trainable: bool = False) -> "CrackNet":
+    """:func:`load_model` of a checkpoint already read (:func:`read_checkpoint`)."""
+    from crack_lightning.models.network import CrackNet
+
     hp = dict(ckpt["hyper_parameters"])
     kwargs = check_hparams(hp, path)
     try:
@@ -124,7 +154,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", trainable: 
     return model.eval().to(device)
 
 
-def save_release(model: CrackNet, path: str | Path, metrics: dict | None = None, half: bool = True,
+def save_release(model: nn.Module, path: str | Path, metrics: dict | None = None, half: bool = True,
                  anchors: dict | None = None) -> None:
     """Write the slim release checkpoint (fp16 weights, hparams, threshold, preprocessing, metrics, and the
     training anchors that ``--calibrate-site`` refits the head against: ``anchors``, else the model's own)."""

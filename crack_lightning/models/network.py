@@ -18,7 +18,6 @@ from torch import nn
 
 from crack_lightning.contract import Preprocessing
 from crack_lightning.hardware import gpu_autocast
-from crack_lightning.models.components.pretrained import create_pretrained
 from crack_lightning.tensor_ops import model_input
 
 
@@ -74,6 +73,10 @@ class CrackNet(nn.Module):
         head_hidden: int = 0,
     ):
         arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        from crack_lightning.models.components.pretrained import (
+            create_pretrained,  # timm: a second to import
+        )
+
         super().__init__()
         self._keep_arguments(arguments)
         net = create_pretrained(backbone, pretrained, weights_file)

@@ -67,31 +67,56 @@ def export_key(module: nn.Module, size: int) -> str:
 
 
 def cached_onnx(module: nn.Module, size: int) -> bytes:
-    """The ONNX export of ``module``, from the on-disk cache when this exact network was exported
-    before; a cache that cannot be written is skipped, never an error."""
-    from crack_lightning.files import atomic_write
+    """The ONNX export of ``module``, from the on-disk cache when this exact network was exported before."""
+    return cached_export(export_key(module, size), lambda: exported(module, size))
 
-    path = cache_dir() / f"{export_key(module, size)}.onnx"
-    if path.is_file():
-        try:
-            return path.read_bytes()
-        except OSError:
-            pass
+
+def exported(module: nn.Module, size: int) -> bytes:
     buf = io.BytesIO()
     with torch.no_grad():
         to_onnx(module, size, buf)
-    data = buf.getvalue()
+    return buf.getvalue()
+
+
+def file_key(path: Path, what: str, size: int) -> str:
+    """What identifies the export of ``what`` (e.g. a model file's probability network) made from the file at
+    ``path``: its bytes, the input size, the exporter. A cached export found by it needs no network built."""
+    h = hashlib.sha256(f"{what}|{size}|{torch.__version__}|{OPSET}".encode())
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:32]
+
+
+def cached_export(key: str, make: Callable[[], bytes]) -> bytes:
+    """The ONNX bytes cached under ``key``, else ``make()`` (cached for next time). Every cached file is checked
+    against the SHA-256 written beside it: a damaged or half-copied file is made again and replaced, never
+    used. A cache that cannot be written is skipped, never an error."""
+    from crack_lightning.files import atomic_write
+
+    path = cache_dir() / f"{key}.onnx"
+    digest = path.with_suffix(".sha256")
+    try:
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() == digest.read_text().strip():
+            return data
+    except OSError:
+        pass
+    data = make()
     try:
         with atomic_write(path, "wb") as f:
             f.write(data)
+        with atomic_write(digest, "w") as f:
+            f.write(hashlib.sha256(data).hexdigest())
     except OSError:
         pass
     return data
 
 
-def onnx_runner(module: nn.Module, size: int, threads: int = 0) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``module`` as an ONNX Runtime function of normalised float batches ``[N,3,size,size]``."""
-    sess = session(cached_onnx(module, size), threads)
+def onnx_runner(module: nn.Module | bytes, size: int, threads: int = 0) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``module`` (or its ONNX export's bytes) as an ONNX Runtime function of normalised float batches
+    ``[N,3,size,size]``."""
+    sess = session(module if isinstance(module, bytes) else cached_onnx(module, size), threads)
     return lambda x: torch.from_numpy(sess.run(None, {"image": x.float().contiguous().numpy()})[0])
 
 

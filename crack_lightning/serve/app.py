@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -21,15 +22,18 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from crack_lightning.data.images import decode_image
-from crack_lightning.data.tiles import TRAINING_TILE
+from crack_lightning.data.tiles import TRAINING_TILE, tile_count
 from crack_lightning.errors import BadImageError
-from crack_lightning.inference.localize import heat_layer_png, localize_array
+from crack_lightning.inference.localize import Stopped, heat_layer_png, localize_array
 from crack_lightning.limits import (
+    MIN_TILE,
     SERVER_MAX_BATCH,
     SERVER_MAX_PIXELS,
     SERVER_MAX_QUEUE,
+    SERVER_MAX_TILES,
     SERVER_MAX_UPLOAD_MB,
 )
 from crack_lightning.serve.batcher import API_KEY_HEADER, Batcher, QueueFull
@@ -93,10 +97,13 @@ def create_app(predictor, *, api_key: str | None = None, max_upload_mb: float = 
     threshold = float(predictor.threshold)
     names = list(predictor.class_names)
 
+    stopping = threading.Event()  # set when the server stops: running work ends at its next batch
+
     @asynccontextmanager
     async def lifespan(app):
         await batcher.start()
         yield
+        stopping.set()
         await batcher.stop()
         decoders.shutdown(wait=False, cancel_futures=True)
 
@@ -107,8 +114,8 @@ def create_app(predictor, *, api_key: str | None = None, max_upload_mb: float = 
                               "full-size photos (`/v1/localize`).")
     app.state.batcher = batcher
 
-    @app.exception_handler(HTTPException)
-    async def http_error(request, exc: HTTPException):
+    @app.exception_handler(StarletteHTTPException)  # FastAPI's and Starlette's own (404, 405): one body shape
+    async def http_error(request, exc: StarletteHTTPException):
         return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
@@ -118,7 +125,8 @@ def create_app(predictor, *, api_key: str | None = None, max_upload_mb: float = 
     @app.middleware("http")
     async def check_key(request: Request, call_next):
         guarded = request.url.path == "/healthz" or request.url.path.startswith("/v1/")
-        if api_key and guarded and not hmac.compare_digest(request.headers.get(API_KEY_HEADER, ""), api_key):
+        given = request.headers.get(API_KEY_HEADER, "").encode("latin-1")  # the header's bytes, as sent
+        if api_key and guarded and not hmac.compare_digest(given, api_key.encode("utf-8")):
             return _error(401, f"missing or wrong {API_KEY_HEADER} header")
         return await call_next(request)
 
@@ -154,6 +162,8 @@ def create_app(predictor, *, api_key: str | None = None, max_upload_mb: float = 
     @app.post("/v1/predict", summary="Crack probability of each uploaded image (multipart field `files`)")
     async def predict(request: Request):
         files = await read_files(request, "files")
+        if len(files) > batcher.max_queue:  # could never fit the queue: not "busy", too large
+            return _error(413, f"{len(files)} images in one request; at most {batcher.max_queue} (send them in parts)")
         prepared = await asyncio.gather(*(decode(data, _try(prepare)) for _, data in files))
         good = [i for i, (item, err) in enumerate(prepared) if err is None]
         try:
@@ -172,8 +182,8 @@ def create_app(predictor, *, api_key: str | None = None, max_upload_mb: float = 
 
     @app.post("/v1/localize", summary="Crack probability of every tile of one photo (multipart field `file`)")
     async def localize(request: Request, tile: int = TRAINING_TILE, stride: int = 0):
-        if tile < 32 or stride < 0:
-            raise HTTPException(400, "tile must be >= 32 and stride >= 0")
+        if not MIN_TILE <= tile <= 4096 or not 0 <= stride <= 4096:
+            raise HTTPException(400, f"tile must be {MIN_TILE}-4096 and stride 0-4096 (0: half the tile)")
         files = await read_files(request, "file")
         if len(files) != 1:
             raise HTTPException(400, f"send exactly one photo in the field 'file', got {len(files)}")
@@ -184,8 +194,23 @@ def create_app(predictor, *, api_key: str | None = None, max_upload_mb: float = 
             image, err = await decode(data, _try(lambda b: decode_image(b, max_pixels)))
             if err:
                 return _error(422, f"{name}: {err}")
-            loc = await asyncio.get_running_loop().run_in_executor(
-                batcher.model_thread, localize_array, image, predictor, tile, stride or None, name)
+            count = tile_count(image.shape[1], image.shape[0], tile, stride or tile // 2)
+            if count > SERVER_MAX_TILES:  # the work is bounded before it starts
+                return _error(400, f"tile {tile} / stride {stride or tile // 2} makes {count:,} tiles of this "
+                                   f"{image.shape[1]}x{image.shape[0]} photo; at most {SERVER_MAX_TILES:,}: "
+                                   "choose a larger stride or tile")
+            gone = threading.Event()
+            work = asyncio.get_running_loop().run_in_executor(
+                batcher.model_thread, lambda: localize_array(image, predictor, tile, stride or None, name,
+                                                             should_stop=lambda: gone.is_set() or stopping.is_set()))
+            while not work.done():  # a client that leaves calls its work off
+                await asyncio.wait([work], timeout=0.25)
+                if not work.done() and await request.is_disconnected():
+                    gone.set()
+            try:
+                loc = await work
+            except Stopped:
+                return _error(503, "the server is stopping" if stopping.is_set() else "the client went away")
             png = await decode(loc, heat_layer_png)
         crack = loc.crack_tiles
         return {"filename": name, "width": loc.width, "height": loc.height, "threshold": threshold,

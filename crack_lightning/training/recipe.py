@@ -44,7 +44,7 @@ from crack_lightning.files import (
     write_json,
     write_text,
 )
-from crack_lightning.hardware import hardware
+from crack_lightning.hardware import hardware, multi_node_problem
 from crack_lightning.models.checkpoint import read_checkpoint, save_release
 from crack_lightning.models.classifier import CrackClassifier
 from crack_lightning.models.network import model_arguments
@@ -63,9 +63,11 @@ from crack_lightning.training.features import (
 )
 from crack_lightning.training.run_folder import (
     RunLock,
+    check_resume,
     check_run_dir,
     is_global_zero,
     newest_readable,
+    read_done,
     run_dir_for,
 )
 from crack_lightning.training.wise import interpolate, started_from
@@ -145,16 +147,14 @@ def run_stage(cfg: Config, model: CrackClassifier, dm: CrackDataModule, run_dir:
     """Fit one stage for at most its own epochs and ``epoch_budget`` (what ``trainer.max_epochs``
     leaves of the run); return where its best checkpoint is. Skips a stage already finished."""
     sc = getattr(cfg.train, stage)
-    done = run_dir / "checkpoints" / stage / "done.json"
+    folder = run_dir / "checkpoints" / stage
+    done = folder / "done.json"
     if resume and done.is_file():
-        import json
-
-        info = json.loads(done.read_text())
-        _load_weights(model, info["best"])
+        info = read_done(done)
+        _load_weights(model, run_dir / info["best"])
         return info
     model.configure_stage(frozen=stage == "frozen", lr=sc.lr, weight_decay=sc.weight_decay)
     epochs = sc.epochs if epoch_budget is None else min(sc.epochs, epoch_budget)
-    folder = run_dir / "checkpoints" / stage
     resume_from, resumed_epoch = None, -1
     if resume:
         resume_from, resumed_epoch, problems = newest_readable([folder / "last.ckpt", folder / "best.ckpt"])
@@ -166,9 +166,12 @@ def run_stage(cfg: Config, model: CrackClassifier, dm: CrackDataModule, run_dir:
     trainer = make_trainer(cfg, run_dir, stage, epochs, sc.patience, keep_until_epoch=start_epoch - 1)
     trainer.fit(model, datamodule=dm, ckpt_path=str(resume_from) if resume_from else None)
     ckpt_cb = trainer.checkpoint_callback
-    best = ckpt_cb.best_model_path or ckpt_cb.last_model_path
+    # this run's own files, never the paths Lightning restored from a checkpoint (a copied run's point to
+    # the run it was copied from)
+    best = next((f for f in (folder / "best.ckpt", folder / "last.ckpt") if f.is_file()), None)
     if best:
         _load_weights(model, best)
+        best = best.relative_to(run_dir).as_posix()  # the run folder can be moved or copied
     score = ckpt_cb.best_model_score
     timer = next(c for c in trainer.callbacks if isinstance(c, EpochTimer))
     info = {"best": best, "resumed_from_epoch": start_epoch, "best_score": None if score is None else float(score),
@@ -196,8 +199,15 @@ def write_predictions(path: Path, records: list[Record], result: dict, class_nam
 
 def train(cfg: Config, resume: bool = False) -> dict:
     """Run the whole recipe; return the metrics written to ``metrics.json``."""
+    with quiet_lightning():
+        return _locked(cfg, resume)
+
+
+def _locked(cfg: Config, resume: bool) -> dict:
+    """The run, holding its folder's lock; a run that stopped before its first checkpoint leaves no folder."""
     start = time.time()
-    quiet_lightning()
+    if (cfg.trainer.num_nodes or 1) > 1 and multi_node_problem():
+        raise ConfigError(f"trainer.num_nodes {cfg.trainer.num_nodes}: {multi_node_problem()}")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     run_dir = run_dir_for(cfg)
     created = not run_dir.exists()
@@ -214,6 +224,8 @@ def train(cfg: Config, resume: bool = False) -> dict:
                                       f"{exc.strerror or exc}") from exc
             lock.acquire()  # first: a run in progress is reported as such, whatever its folder holds yet
             check_run_dir(run_dir, resume)
+            if resume:
+                check_resume(cfg, run_dir)
             print(f"run folder: {path_text(run_dir)}")
         return _train(cfg, run_dir, resume, start)
     except BaseException:

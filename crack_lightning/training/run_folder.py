@@ -111,3 +111,52 @@ def newest_readable(paths: list[Path]) -> tuple[Path | None, int, list[str]]:
         if best is None or key > best_key:
             best, best_key = p, key
     return best, best_key[0], problems
+
+
+def read_done(path: Path) -> dict:
+    """A finished stage's ``done.json``, its ``best`` checkpoint relative to the run folder. Runs written
+    before paths were stored relative name their own folder's file by an absolute path: the file of
+    that name in this stage's folder is the one meant (a moved or copied run keeps to itself)."""
+    import json
+
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+        best = Path(info["best"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path_text(path)} is damaged ({exc.__class__.__name__}): delete it to train the "
+                          "stage again from its last checkpoint") from None
+    run_dir = path.parent.parent.parent
+    local = best if not best.is_absolute() else path.parent.relative_to(run_dir) / best.name
+    if ".." in local.parts or not (run_dir / local).is_file():
+        raise ConfigError(f"{path_text(path)} names a checkpoint that is not in this run folder ({best}): delete "
+                          "it to train the stage again from its last checkpoint")
+    info["best"] = local.as_posix()
+    return info
+
+
+# what --resume may change: how fast and how long it trains, never what it trains on or what it builds
+RESUMABLE = {"data.num_workers", "data.prefetch_factor", "data.batch_size", "output_dir", "run_name",
+             "train.frozen.epochs", "train.frozen.patience", "train.finetune.epochs", "train.finetune.patience"}
+
+
+def check_resume(cfg: Config, run_dir: Path) -> None:
+    """``--resume`` continues the run that is there: every key that shapes the model, the data or the
+    split must be what the run was started with (its ``config.yaml``); the differing keys are named,
+    before any file is touched."""
+    from crack_lightning.config.files import to_dict
+    from crack_lightning.config.reader import load_yaml
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    stored = flat({k: v for k, v in load_yaml(run_dir / "config.yaml").items() if k != "trainer"})
+    now = flat({k: v for k, v in to_dict(cfg).items() if k != "trainer"})
+    changed = [k for k in now if k in stored and k not in RESUMABLE and stored[k] != now[k]]
+    if changed:
+        shown = ", ".join(f"{k} ({stored[k]!r} -> {now[k]!r})" for k in changed[:6])
+        raise ConfigError(f"--resume: {path_text(run_dir)} was trained with other settings: {shown}. Resuming "
+                          "would mix two different runs: resume with the run's own config.yaml (only epochs, "
+                          "patience, batch size, workers and trainer.* may change), or start a new --run_name")
