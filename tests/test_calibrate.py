@@ -33,9 +33,13 @@ def test_threshold_calibration_silences_the_shown_photos_and_costs_exactly_the_c
     old = probabilities(model, SAMPLE / "Positive", tmp_path / "old.csv")
     site, median = site_folder(tmp_path, old)
     out = tmp_path / "site_model.pt"
+    refused = run_main("predict.py", "--checkpoint", str(model), str(site), "--calibrate-site", str(out),
+                       "--calibrate-mode", "threshold")  # the site folder holds a crack photo (the median one)
+    assert refused.returncode == 2 and "look cracked" in refused.stderr and not out.exists()
     res = run_main("predict.py", "--checkpoint", str(model), str(site), "--calibrate-site", str(out),
-                   "--calibrate-mode", "threshold")
+                   "--calibrate-mode", "threshold", "--calibrate-anyway")
     assert res.returncode == 0, res.stderr
+    assert "look cracked" in res.stderr
     assert "-> " in res.stdout and "none does now" in res.stdout and "fewer cracks" in res.stderr
     saved = torch.load(out, weights_only=True)
     threshold = float(saved["threshold"])
@@ -85,7 +89,8 @@ def test_calibration_over_tiles_silences_every_tile_of_a_site_photo(trained_run,
     site.mkdir()
     cv2.imwrite(str(site / "wall.png"), photo)
     model, out = trained_run / "model.pt", tmp_path / "site.pt"
-    res = run_main("predict.py", "--checkpoint", str(model), str(site), "--localize", "--calibrate-site", str(out))
+    res = run_main("predict.py", "--checkpoint", str(model), str(site), "--localize", "--calibrate-site", str(out),
+                   "--calibrate-anyway")  # the "joint" is a real crack patch
     assert res.returncode == 0, res.stderr
     assert torch.load(out, weights_only=True)["metrics"]["site_calibration"]["tiles"] is True
     before = run_main("predict.py", "--checkpoint", str(model), str(site), "--localize", "--output", str(tmp_path / "a"))
@@ -135,7 +140,8 @@ def test_head_calibration_refits_only_the_head_and_silences_the_site(trained_run
     site, median = site_folder(tmp_path, old)
     before = probabilities(model, site, tmp_path / "site_before.csv")
     out = tmp_path / "site_model.pt"
-    res = run_main("predict.py", "--checkpoint", str(model), str(site), "--calibrate-site", str(out))
+    res = run_main("predict.py", "--checkpoint", str(model), str(site), "--calibrate-site", str(out),
+                   "--calibrate-anyway")  # the site folder holds a crack photo (the median one)
     assert res.returncode == 0, res.stderr
     assert "head refitted on the 11 crack-free photos and" in res.stdout and "anchors right:" in res.stdout
     saved = torch.load(out, weights_only=True)

@@ -142,9 +142,9 @@ def test_hostile_images_are_answered_not_crashed_on(server):
     assert res[3]["label"] == "Positive"
 
 
-def test_full_queue_answers_503(server):
-    r = post(server, "/v1/predict", multipart((POSITIVES + NEGATIVES) * 2))  # 12 images, 8 may wait
-    assert r.status_code == 503 and "busy" in r.json()["error"] and r.headers["retry-after"] == "1"
+def test_a_request_as_large_as_the_queue_is_answered(server, reference):
+    r = post(server, "/v1/predict", multipart(POSITIVES + NEGATIVES[:2] + POSITIVES[:2]))  # 8 images, 8 may wait
+    assert r.status_code == 200 and len(r.json()["results"]) == 8
 
 
 def test_concurrent_clients_share_batches_and_agree(server, reference):
@@ -258,3 +258,93 @@ def test_page_in_a_real_browser(server, reference, tmp_path):
         assert asked and all(url.startswith(server) for url in asked), asked
         browser.close()
     assert Image.open(shot).size == (1100, 800)
+
+
+# ---- hostile input, round 3: every request's work is bounded before it starts, and called off -----------
+def test_a_request_that_could_never_fit_is_413_and_every_error_has_one_shape(server):
+    """More images than the queue holds is not 'busy' (a client obeying Retry-After would loop forever):
+    413. Unknown routes and wrong methods answer in the documented {"error": ...} shape."""
+    r = post(server, "/v1/predict", multipart(POSITIVES * 3))  # 9 images, the queue holds 8
+    assert r.status_code == 413 and "at most 8" in r.json()["error"] and "retry-after" not in r.headers
+    for method, path, status in (("GET", "/nope", 404), ("GET", "/v1/predict", 405), ("DELETE", "/healthz", 405)):
+        r = httpx.request(method, server + path, headers={"X-API-Key": KEY})
+        assert r.status_code == status and set(r.json()) == {"error"}, r.text
+
+
+def test_localize_work_is_bounded_before_it_starts(server, tmp_path):
+    """tile=32 & stride=1 on a 2500x2500 photo would be ~6 million tiles: refused at once, naming the
+    limit, and the server answers the next request as before."""
+    big = tmp_path / "big.png"
+    Image.new("RGB", (2500, 2500), (128, 128, 128)).save(big)
+    t0 = time.perf_counter()
+    r = post(server, "/v1/localize?tile=32&stride=1", [("file", ("big.png", big.read_bytes(), "image/png"))])
+    assert r.status_code == 400 and "tiles" in r.json()["error"] and "20,000" in r.json()["error"]
+    assert time.perf_counter() - t0 < 20
+    for query in ("tile=10", "tile=32&stride=-1", "tile=99999"):
+        assert post(server, f"/v1/localize?{query}", [("file", ("a.jpg", POSITIVES[0].read_bytes()))]).status_code == 400
+    assert post(server, "/v1/predict", multipart(POSITIVES[:1])).status_code == 200
+
+
+def test_a_non_ascii_api_key_is_refused_not_a_server_error(server):
+    r = httpx.post(server + "/v1/predict", files=multipart(POSITIVES[:1]), headers=[(b"X-API-Key", b"cl\xc3\xa9")])
+    assert r.status_code == 401 and "X-API-Key" in r.json()["error"]
+
+
+def start_server(*args: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "serve.py", "--port", str(port), *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            time.sleep(0.3)
+    proc.kill()
+    raise AssertionError("server did not come up")
+
+
+@pytest.mark.slow
+def test_work_is_called_off_when_its_client_leaves_and_sigterm_stops_the_server(tmp_path):
+    """A long /v1/localize whose client gives up stops at its next batch: the next request is answered in
+    seconds, not after the abandoned photo. SIGTERM during such work ends the server within seconds."""
+    photo = tmp_path / "wall.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(100, 160, (1200, 1200, 3), dtype=np.uint8)).save(photo)
+    files = [("file", ("wall.png", photo.read_bytes(), "image/png"))]
+    proc, url = start_server()
+    try:
+        with pytest.raises(httpx.TimeoutException):  # ~5,000 tiles: minutes of work, the client leaves after 3 s
+            httpx.post(url + "/v1/localize?tile=64&stride=16", files=files, timeout=3)
+        t0 = time.perf_counter()
+        r = httpx.post(url + "/v1/predict", files=multipart(POSITIVES[:1]), timeout=60)
+        assert r.status_code == 200 and time.perf_counter() - t0 < 15
+        client = subprocess.Popen([sys.executable, "-c", "import httpx, sys; httpx.post(sys.argv[1], files="
+                                   "{'file': open(sys.argv[2], 'rb')}, timeout=600)",
+                                   url + "/v1/localize?tile=64&stride=16", str(photo)])
+        time.sleep(3)  # the work is running
+        t0 = time.perf_counter()
+        proc.terminate()
+        proc.wait(timeout=20)
+        assert time.perf_counter() - t0 < 12
+        client.kill()
+    finally:
+        proc.kill()
+
+
+def test_serve_refuses_bad_options_in_one_line_before_loading_anything():
+    """NaN limits, a non-ASCII key and a port already in use: one line, exit 2, nothing announced."""
+    for args, expected in ((["--max-upload-mb", "nan"], "--max-upload-mb"), (["--max-queue", "0"], "--max-queue"),
+                           (["--api-key", "clé"], "printable ASCII")):
+        res = subprocess.run([sys.executable, "serve.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert res.returncode == 2 and expected in res.stderr and "Traceback" not in res.stderr, res.stderr
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        res = subprocess.run([sys.executable, "serve.py", "--port", str(busy.getsockname()[1])], cwd=ROOT,
+                             capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "cannot listen on" in res.stderr and "Traceback" not in res.stderr
+    assert "open http" not in res.stdout

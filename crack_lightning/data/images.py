@@ -27,10 +27,11 @@ from crack_lightning.limits import MAX_PIXELS, MIN_SIDE
 # refusal: align it with ours so that the documented limit is the real one (callers may ask for less)
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-# the formats decoded (MPO: a phone's multi-picture JPEG). Their header states the size of what is decoded,
+# the formats decoded (and MPO, a phone's multi-picture JPEG). Their header states the size of what is decoded,
 # so the pixel limit is checked before any pixel; a container format (ICO, ICNS, ...) may wrap an inner
 # image far larger than its header says, and is refused
-IMAGE_FORMATS = {"JPEG", "MPO", "PNG", "BMP", "TIFF", "WEBP"}
+IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP")  # what Pillow may open them as (MPO comes as JPEG)
+from PIL import BmpImagePlugin, JpegImagePlugin, MpoImagePlugin, PngImagePlugin, TiffImagePlugin, WebPImagePlugin  # noqa: E402, F401, I001 - registers exactly these
 _JPEG_WARNING = ("Corrupt JPEG data", "Premature end of JPEG", "Invalid JPEG", "Bogus", "JPEG datastream")
 
 
@@ -52,23 +53,22 @@ def open_image(source: Source, max_pixels: int = MAX_PIXELS) -> Image.Image:
             raise BadImageError("empty file")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else Path(source))
+            # only the formats decoded are even tried: some plugins decode while opening (ICO decodes its inner
+            # image, whatever size it is), before any size could be checked
+            img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else Path(source),
+                             formats=IMAGE_FORMATS)
     except BadImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise BadImageError(f"image too large (decompression bomb guard): {exc}") from exc
     except UnidentifiedImageError as exc:
-        raise BadImageError("not an image (unrecognised format)") from exc
+        raise BadImageError("not an image in a supported format (JPEG, PNG, BMP, TIFF, WebP)") from exc
     except PermissionError as exc:
         raise BadImageError("permission denied") from exc
     except OSError as exc:
         raise BadImageError(f"cannot open: {exc}") from exc
     except Exception as exc:  # noqa: BLE001 - a hostile header can raise anything in a plugin (ValueError, struct.error...)
         raise BadImageError(f"malformed image header: {exc.__class__.__name__}: {exc}") from exc
-    if img.format not in IMAGE_FORMATS:
-        fmt = img.format
-        img.close()
-        raise BadImageError(f"unsupported image format {fmt} (use JPEG, PNG, BMP, TIFF or WebP)")
     w, h = img.size
     if w * h > max_pixels:
         img.close()

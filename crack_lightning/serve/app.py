@@ -85,6 +85,25 @@ class BodyLimit:
                 await _error(413, message)(scope, receive, send)
 
 
+class ApiKey:
+    """Every API request (``/v1/*``, ``/healthz``) carries the key in its ``X-API-Key`` header: compared as the
+    bytes sent, in constant time (any byte is a wrong key, never an error). A plain ASGI middleware, as
+    :class:`BodyLimit`: Starlette's ``http`` middleware hides a client's disconnect from the endpoint."""
+
+    def __init__(self, app, key: str):
+        self.app, self.key = app, key.encode("utf-8")
+        self.header = API_KEY_HEADER.lower().encode("latin-1")
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "")
+        if scope["type"] == "http" and (path == "/healthz" or path.startswith("/v1/")):
+            given = next((v for k, v in scope["headers"] if k == self.header), b"")
+            if not hmac.compare_digest(given, self.key):
+                await _error(401, f"missing or wrong {API_KEY_HEADER} header")(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(predictor, *, api_key: str | None = None, max_upload_mb: float = SERVER_MAX_UPLOAD_MB,
                max_queue: int = SERVER_MAX_QUEUE, max_batch: int = SERVER_MAX_BATCH, max_pixels: int = SERVER_MAX_PIXELS,
                decode_threads: int = 4, max_localize: int = 2):
@@ -122,13 +141,6 @@ def create_app(predictor, *, api_key: str | None = None, max_upload_mb: float = 
     async def invalid(request, exc: RequestValidationError):
         return _error(400, "malformed request: " + "; ".join(e.get("msg", "") for e in exc.errors())[:500])
 
-    @app.middleware("http")
-    async def check_key(request: Request, call_next):
-        guarded = request.url.path == "/healthz" or request.url.path.startswith("/v1/")
-        given = request.headers.get(API_KEY_HEADER, "").encode("latin-1")  # the header's bytes, as sent
-        if api_key and guarded and not hmac.compare_digest(given, api_key.encode("utf-8")):
-            return _error(401, f"missing or wrong {API_KEY_HEADER} header")
-        return await call_next(request)
 
     async def read_files(request: Request, field: str) -> list[tuple[str, bytes]]:
         content_type = request.headers.get("content-type", "")
@@ -227,6 +239,8 @@ def create_app(predictor, *, api_key: str | None = None, max_upload_mb: float = 
 
     app.mount("/static", StaticFiles(directory=str(static)), name="static")
     app.add_middleware(BodyLimit, max_bytes=int(max_upload_mb * 1e6))
+    if api_key:
+        app.add_middleware(ApiKey, key=api_key)
     return app
 
 
