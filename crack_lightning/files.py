@@ -190,11 +190,13 @@ def written_by_us(csv_headers: Sequence[Sequence[str]] = ()) -> Callable[[Path],
 
 
 def csv_starts_with(header: Sequence[str]) -> Callable[[Path], bool]:
-    """``ours`` for :func:`check_output_file`: the file is a CSV whose first row is ``header``."""
+    """``ours`` for :func:`check_output_file`: the file is a CSV whose first row is ``header`` (and, for the
+    files that gain columns with an option such as ``--mm-per-pixel``, those after it)."""
     def check(path: Path) -> bool:
         try:
             with open(path, newline="", encoding="utf-8", errors="replace") as f:
-                return next(csv.reader(f), None) == list(header)
+                first = next(csv.reader(f), None)
+                return first is not None and first[:len(header)] == list(header)
         except OSError:
             return False
     return check

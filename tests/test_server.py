@@ -28,12 +28,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server():
-    """One server for the module: API key required, 2 MB uploads, 8 images queued at most."""
+def start_server(*args: str) -> tuple[subprocess.Popen, str]:
+    """``serve.py`` in its own process with ``args``, once it answers."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "serve.py", "--port", str(port), "--api-key", KEY,
-                             "--max-upload-mb", "2", "--max-queue", "8"], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "serve.py", "--port", str(port), *args], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
@@ -41,11 +39,17 @@ def server():
         assert proc.poll() is None, proc.stdout.read()
         try:
             if httpx.get(url + "/healthz", headers={"X-API-Key": KEY}, timeout=1).status_code == 200:
-                break
+                return proc, url
         except httpx.TransportError:
             time.sleep(0.3)
-    else:
-        raise AssertionError("server did not come up")
+    proc.kill()
+    raise AssertionError("server did not come up")
+
+
+@pytest.fixture(scope="module")
+def server():
+    """One server for the module: API key required, 2 MB uploads, 8 images queued at most."""
+    proc, url = start_server("--api-key", KEY, "--max-upload-mb", "2", "--max-queue", "8")
     yield url
     proc.terminate()
     proc.wait(timeout=30)
@@ -143,7 +147,7 @@ def test_hostile_images_are_answered_not_crashed_on(server):
 
 
 def test_a_request_as_large_as_the_queue_is_answered(server, reference):
-    r = post(server, "/v1/predict", multipart(POSITIVES + NEGATIVES[:2] + POSITIVES[:2]))  # 8 images, 8 may wait
+    r = post(server, "/v1/predict", multipart(POSITIVES + NEGATIVES + POSITIVES[:2]))  # 8 images, 8 may wait
     assert r.status_code == 200 and len(r.json()["results"]) == 8
 
 
@@ -288,23 +292,6 @@ def test_localize_work_is_bounded_before_it_starts(server, tmp_path):
 def test_a_non_ascii_api_key_is_refused_not_a_server_error(server):
     r = httpx.post(server + "/v1/predict", files=multipart(POSITIVES[:1]), headers=[(b"X-API-Key", b"cl\xc3\xa9")])
     assert r.status_code == 401 and "X-API-Key" in r.json()["error"]
-
-
-def start_server(*args: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "serve.py", "--port", str(port), *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        assert proc.poll() is None, proc.stdout.read()
-        try:
-            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            time.sleep(0.3)
-    proc.kill()
-    raise AssertionError("server did not come up")
 
 
 @pytest.mark.slow

@@ -38,6 +38,15 @@ def predict_parser():
     p.add_argument("--tile", type=number(int, MIN_TILE, IMAGE_SIZE[1]), default=227, help="--localize tile size in pixels (training scale: 227)")
     p.add_argument("--stride", type=number(int, 0, IMAGE_SIZE[1]), default=0, help="--localize stride (default: tile/2, i.e. 50%% overlap)")
     p.add_argument("--explain", action="store_true", help="write a Grad-CAM PNG for each input patch")
+    p.add_argument("--segment", action="store_true",
+                   help="inputs are photos of any size: map every crack pixel and measure each crack (length, "
+                        "width); writes a mask, an overlay and a cracks CSV per photo and summary.csv "
+                        "(default model: models/crack_seg_lite0.pt)")
+    p.add_argument("--mm-per-pixel", type=number(float, 0, low_open=True), default=None,
+                   help="--segment: the photos' scale; every length and width also in mm, and a severity per crack")
+    p.add_argument("--severity-mm", default="0.1,0.3", metavar="EDGES",
+                   help="--segment with --mm-per-pixel: width class edges in mm (default 0.1,0.3: hairline, fine, "
+                        "wide)")
     p.add_argument("--split", default=None, metavar="SPLIT_CSV[:NAME]",
                    help="also predict the images of a run's split.csv (default split: test)")
     p.add_argument("--report", default=None, metavar="DIR",
@@ -99,11 +108,16 @@ def _devices_arg(raw: str | None) -> int | str:
 
 def predict_main(argv: list[str]) -> int:
     """Exit code: 0 all images predicted, 1 some files could not be read (error rows), 2 user error."""
-    from crack_lightning.inference.outputs import DEFAULT_CHECKPOINT, collect_inputs
+    from crack_lightning.inference.outputs import (
+        DEFAULT_CHECKPOINT,
+        SEGMENT_MODEL,
+        collect_inputs,
+    )
 
     parser = predict_parser()
     args = parser.parse_args(argv)  # --help and usage errors end here, before any heavy import
-    checkpoint = Path(args.checkpoint) if args.checkpoint else DEFAULT_CHECKPOINT
+    checkpoint = Path(args.checkpoint) if args.checkpoint else \
+        (DEFAULT_CHECKPOINT.with_name(SEGMENT_MODEL) if args.segment else DEFAULT_CHECKPOINT)
     model_files = [checkpoint, checkpoint.with_suffix(".json")]  # an .onnx travels with its contract
     if args.export:
         return _export(checkpoint, Path(args.export), model_files)
@@ -126,6 +140,8 @@ def predict_main(argv: list[str]) -> int:
                               threshold=args.threshold, anyway=args.calibrate_anyway), target)
         return 0
     out, outputs = _check_outputs(args, paths, [*paths, *model_files])
+    if args.segment:
+        return _segment(checkpoint, paths, outputs, out, args)
     kwargs = dict(checkpoint=checkpoint, batch_size=args.batch_size, num_workers=args.workers,
                   threshold=args.threshold, engine=args.engine)  # the same model settings in every process
     if args.accelerator is not None or args.devices is not None or args.num_nodes != 1:
@@ -143,7 +159,12 @@ def predict_main(argv: list[str]) -> int:
 
 
 def _check_options(args) -> None:
-    if args.report and (args.localize or args.explain or args.calibrate_site):
+    modes = [m for m in ("localize", "explain", "segment", "calibrate_site", "export") if getattr(args, m)]
+    if len(modes) > 1:
+        raise ConfigError(f"--{modes[0].replace('_', '-')} and --{modes[1].replace('_', '-')} cannot be combined")
+    if args.mm_per_pixel is not None and not args.segment:
+        raise ConfigError("--mm-per-pixel applies to --segment")
+    if args.report and (args.localize or args.explain or args.calibrate_site or args.segment):
         raise ConfigError("--report evaluates labelled patches (predict.py's CSV); it does not apply to "
                           "--localize, --explain or --calibrate-site: run it without them")
     if args.num_nodes > 1:
@@ -152,7 +173,7 @@ def _check_options(args) -> None:
         problem = multi_node_problem()
         if problem:
             raise ConfigError(f"--num_nodes {args.num_nodes}: {problem}")
-    if (args.localize or args.explain) and (args.accelerator is not None or args.devices is not None
+    if (args.localize or args.explain or args.segment) and (args.accelerator is not None or args.devices is not None
                                             or args.num_nodes != 1):
         raise ConfigError("--accelerator/--devices/--num_nodes spread predict.py's CSV; "
                           "--localize and --explain run in one process (use --device)")
@@ -181,15 +202,16 @@ def _check_outputs(args, paths: list[Path], protected: list[Path]) -> tuple[Path
         REPORT_FILES,
     )
 
-    per_photo = args.localize or args.explain
+    per_photo = args.localize or args.explain or args.segment
     out = Path(args.output or ("localization" if args.localize else "explanations" if args.explain
-                               else "predictions.csv"))
+                               else "cracks" if args.segment else "predictions.csv"))
     outputs: list[tuple] = []
     if per_photo:
         if out.exists() and not out.is_dir():
-            raise ConfigError(f"--output must be a folder with --localize/--explain: {path_text(out)} is a file")
+            raise ConfigError(f"--output must be a folder with --localize/--explain/--segment: {path_text(out)} "
+                              "is a file")
         check_output_dir(out)
-        outputs = _photo_outputs(paths, out, args.localize)
+        outputs = _photo_outputs(paths, out, "localize" if args.localize else "segment" if args.segment else "explain")
         for files in outputs:
             for f in files:
                 check_output_file(f, protected, ours=written_by_us(PHOTO_CSV_HEADERS))
@@ -257,14 +279,56 @@ def _unique_stem(path, used: set) -> str:
     return stem
 
 
-def _photo_outputs(paths, out_dir, localize: bool) -> list[tuple]:
-    """The files ``--localize`` (tiles CSV, heatmap; summary.csv) or ``--explain`` (Grad-CAM) will write per photo."""
+def _photo_outputs(paths, out_dir, mode: str) -> list[tuple]:
+    """The files ``--localize`` (tiles CSV, heatmap), ``--segment`` (mask, overlay, cracks CSV) or ``--explain``
+    (Grad-CAM) will write per photo, and the folder's ``summary.csv``."""
     used: set = set()
     stems = [_unique_stem(p, used) for p in paths]
-    if localize:
+    if mode == "localize":
         return [(out_dir / f"{s}_tiles.csv", out_dir / f"{s}_heatmap.png") for s in stems] + \
             [(out_dir / "summary.csv",)]
+    if mode == "segment":
+        return [(out_dir / f"{s}_mask.png", out_dir / f"{s}_overlay.png", out_dir / f"{s}_cracks.csv")
+                for s in stems] + [(out_dir / "summary.csv",)]
     return [(out_dir / f"{s}_gradcam.png",) for s in stems]
+
+
+def _segment(checkpoint: Path, paths, outputs, out_dir: Path, args) -> int:
+    from crack_lightning.errors import BadImageError
+    from crack_lightning.inference.segment import (
+        load_segmenter,
+        segment,
+        write_outputs,
+        write_summary,
+    )
+
+    try:
+        edges = tuple(float(e) for e in args.severity_mm.split(","))
+    except ValueError:
+        raise ConfigError(f"--severity-mm takes increasing widths in mm, e.g. 0.1,0.3; got {args.severity_mm!r}") \
+            from None
+    if not edges or list(edges) != sorted(set(edges)) or edges[0] <= 0:
+        raise ConfigError(f"--severity-mm takes increasing widths in mm, e.g. 0.1,0.3; got {args.severity_mm!r}")
+    if not checkpoint.is_file():
+        raise ConfigError(f"no segmentation model at {path_text(checkpoint)}: train one (python train.py --config "
+                          "configs/segment.yaml) and give it with --checkpoint")
+    model = load_segmenter(checkpoint, args.device)
+    rows, failed = [], 0
+    for path, (mask, _, _) in zip(paths, outputs):
+        try:
+            seg, image = segment(path, model)
+        except BadImageError as exc:
+            failed += 1
+            rows.append({"photo": str(path), "error": str(exc)})
+            print(f"  unreadable: {path_text(path)}: {exc}", file=sys.stderr)
+        else:
+            row = write_outputs(seg, image, out_dir, mask.name[:-len("_mask.png")], args.mm_per_pixel, edges)
+            rows.append(row)
+            print(f"{path_text(path)}: {row['cracks']} crack(s), {row['length_px']} px long in all, widest "
+                  f"{row['max_width_px']} px{'' if seg.cracked else ' (no crack long enough to count)'} -> "
+                  f"{path_text(out_dir / row['overlay'])}")
+        write_summary(rows, out_dir / "summary.csv", args.mm_per_pixel is not None)  # after every photo
+    return 1 if failed else 0
 
 
 def _localize(predictor, paths, outputs, out_dir, args) -> int:

@@ -29,25 +29,14 @@ def train_main(argv: list[str]) -> int:
 
         print(TRAIN_USAGE + "\n" + config_help(), end="")
         return 0
-    config_path, resume, print_only, rest = None, False, False, []
-    i = 0
-    while i < len(argv):
-        a = argv[i]
-        if a == "--config" or a.startswith("--config="):
-            if "=" in a:
-                config_path = a.split("=", 1)[1]
-            else:
-                if i + 1 >= len(argv):
-                    raise ConfigError("--config needs a file")
-                config_path = argv[i + 1]
-                i += 1
-        elif a == "--resume":
-            resume = True
-        elif a == "--print_config":
-            print_only = True
-        else:
-            rest.append(a)
-        i += 1
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="train.py", add_help=False, allow_abbrev=False)
+    ap.add_argument("--config", default=None)
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--print_config", action="store_true")
+    known, rest = ap.parse_known_args(argv)  # the rest: --section.key VALUE overrides
+    config_path, resume, print_only = known.config, known.resume, known.print_config
     cfg = load_config(config_path, parse_overrides(rest))
     if print_only:
         print(dump_yaml(cfg), end="")
@@ -67,6 +56,10 @@ def train_main(argv: list[str]) -> int:
     from crack_lightning.training.run_folder import is_global_zero
 
     if test and is_global_zero():  # under DDP every process returns here: one line for the user
-        print(f"test accuracy {test['acc']:.4f}  F1 {test['f1']:.4f}  (before training: "
-              f"{result['before']['test']['acc']:.4f})  -> {result['run_dir']}")
+        if result.get("task") == "segment":
+            print(f"test pixel F1 {test['f1']:.4f} (2 px tolerance; precision {test['precision']:.4f}, recall "
+                  f"{test['recall']:.4f}; before training: {result['before']['test']['f1']:.4f})  -> {result['run_dir']}")
+        else:
+            print(f"test accuracy {test['acc']:.4f}  F1 {test['f1']:.4f}  (before training: "
+                  f"{result['before']['test']['acc']:.4f})  -> {result['run_dir']}")
     return 0

@@ -303,7 +303,7 @@ def from_dict(values: dict, overrides: list[tuple[str, str]] | None = None) -> C
         tns.trainer.max_epochs = None
     if isinstance(tns.trainer.devices, str) and tns.trainer.devices.isdigit():
         tns.trainer.devices = int(tns.trainer.devices)  # "2" and 2 mean the same to Lightning; keep one form
-    cfg = Config(data=ns.data, model=ns.model, train=ns.train, trainer=tns.trainer,
+    cfg = Config(**{name: ns[name] for name in SECTIONS}, trainer=tns.trainer,
                  **{k: ns[k] for k in TOP_LEVEL})
     _validate(cfg)
     return cfg

@@ -131,12 +131,43 @@ class TrainConfig:
 
 
 @dataclass
+class SegmentConfig:
+    """Crack segmentation (``task: segment``): a U-Net over the ``model.backbone`` encoder, trained on
+    annotated photos (``data.root`` and ``data.extra_roots``: images/ + masks/).
+
+    Args:
+        epochs: most epochs (early stopping on the validation pixel F1 may end it sooner)
+        lr: AdamW learning rate of the whole network (cosine schedule down to 1 % of it)
+        weight_decay: AdamW weight decay
+        patience: epochs without a better validation pixel F1 before early stopping
+        crop_size: training crops, in pixels (a multiple of 32), cut at random scales from the photos
+        dice_weight: weight of the Dice loss beside the pixel BCE (thin cracks are few pixels)
+        decoder_channels: the U-Net decoder's widths, deepest first
+        holdout: a source (a data root's folder name) held out as the test split, never trained on
+            (leave-one-source-out); "" = a test split of photos from every source
+        min_crack_px: a photo is called cracked when it has a crack at least this long (pixels of skeleton)
+    """
+
+    epochs: int = 12
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    patience: int = 4
+    crop_size: int = 256
+    dice_weight: float = 1.0
+    decoder_channels: list[int] = field(default_factory=lambda: [128, 64, 32, 16, 8])
+    holdout: str = ""
+    min_crack_px: int = 40
+
+
+@dataclass
 class Config:
     """A whole run."""
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
+    task: Literal["classify", "segment"] = "classify"
     trainer: Any = None  # a Namespace of lightning.Trainer's arguments (trainer_parser), filled by load_config
     output_dir: str = "runs"
     run_name: str = ""  # "" = a timestamped name
@@ -197,6 +228,10 @@ def _validate(cfg: Config) -> None:
     for key, seed in (("seed", cfg.seed), ("data.seed", d.seed)):
         if not 0 <= seed < 2**32:  # what numpy and Lightning's seed_everything take
             raise ConfigError(f"{key}: must be an integer 0 to {2**32 - 1}, got {seed}")
+    if cfg.segment.crop_size % 32 or not 64 <= cfg.segment.crop_size <= 2048:
+        raise ConfigError(f"segment.crop_size: must be a multiple of 32 in 64-2048, got {cfg.segment.crop_size}")
+    if cfg.segment.epochs < 1 or not cfg.segment.lr > 0 or cfg.segment.min_crack_px < 0:
+        raise ConfigError("segment.epochs must be >= 1, segment.lr > 0 and segment.min_crack_px >= 0")
     name = cfg.run_name
     if name and (name in (".", "..") or "/" in name or "\\" in name or name.startswith("~")):
         raise ConfigError(f"run_name must be a plain folder name (no '/', '..'), got {name!r}")
@@ -212,10 +247,11 @@ def _validate(cfg: Config) -> None:
 
 
 # ---- the parsers ---------------------------------------------------------------------------
-SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "segment": SegmentConfig}
 
 
 # the keys outside the sections (types and defaults: the Config dataclass's own fields)
-TOP_LEVEL = {"output_dir": "the folder under which every run gets its own folder",
+TOP_LEVEL = {"task": "classify (patches: crack or not) or segment (a crack probability per pixel: section segment)",
+             "output_dir": "the folder under which every run gets its own folder",
              "run_name": "the run's folder name ('' = a timestamp); --resume needs it",
              "seed": "seed of everything (weights init, augmentation, loaders)"}

@@ -56,7 +56,12 @@ PREDICTIONS_HEADER = ["path", "probability", "label", "true_label", "correct", "
 TILES_CSV_HEADER = ["x", "y", "width", "height", "probability"]
 SUMMARY_FIELDS = ["photo", "width", "height", "tiles", "crack_tiles", "crack_fraction", "max_probability",
                   "threshold", "error"]
-PHOTO_CSV_HEADERS = (TILES_CSV_HEADER, SUMMARY_FIELDS)  # what --localize writes (replaced only if ours)
+CRACKS_CSV_HEADER = ["id", "length_px", "mean_width_px", "max_width_px", "x", "y", "width", "height"]
+SEGMENT_SUMMARY_FIELDS = ["photo", "width", "height", "mask", "overlay", "cracks", "length_px", "max_width_px",
+                          "longest_px", "crack", "error"]
+# what --localize and --segment write per photo and per folder (replaced only if ours)
+PHOTO_CSV_HEADERS = (TILES_CSV_HEADER, SUMMARY_FIELDS, CRACKS_CSV_HEADER, SEGMENT_SUMMARY_FIELDS)
+SEGMENT_MODEL = "crack_seg_lite0.pt"  # the shipped segmentation model (models/)
 REPORT_FILES = ("confusion_matrix.png", "roc.png", "precision_recall.png", "histogram.png", "mistakes.png",
                 "report.json")
 EXPORT_FILES = ("model.onnx", "model.torchscript.pt", "model.json")  # what export(..., name="model") writes

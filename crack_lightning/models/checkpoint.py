@@ -155,7 +155,7 @@ def model_from(ckpt: dict[str, Any], path: str | Path, device: str | torch.devic
 
 
 def save_release(model: nn.Module, path: str | Path, metrics: dict | None = None, half: bool = True,
-                 anchors: dict | None = None) -> None:
+                 anchors: dict | None = None, task: str = "classify") -> None:
     """Write the slim release checkpoint (fp16 weights, hparams, threshold, preprocessing, metrics, and the
     training anchors that ``--calibrate-site`` refits the head against: ``anchors``, else the model's own)."""
     from crack_lightning.files import atomic_write
@@ -174,6 +174,7 @@ def save_release(model: nn.Module, path: str | Path, metrics: dict | None = None
         "preprocessing": model.pre.to_dict(),
         "threshold": float(model.threshold),
         "metrics": metrics or {},
+        "task": task,
     }
     anchors = anchors if anchors is not None else (getattr(model, "meta", None) or {}).get("site_anchors")
     if anchors:

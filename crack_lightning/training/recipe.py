@@ -21,7 +21,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
@@ -88,10 +88,11 @@ def build_model(cfg: Config) -> CrackClassifier:
 
 
 def make_trainer(cfg: Config, run_dir: Path, stage: str | None, epochs: int = 1, patience: int = 3,
-                 keep_until_epoch: int = -1) -> L.Trainer:
+                 keep_until_epoch: int = -1, monitor: str | None = None) -> L.Trainer:
     """A Trainer with every ``trainer.*`` argument of the config, plus what the recipe owns: its
-    checkpoints, early stopping, history logger (beside any ``trainer.logger`` given), atomic
-    checkpoint writes, and this stage's epochs."""
+    checkpoints, early stopping on ``monitor`` (default ``train.monitor``), history logger (beside any
+    ``trainer.logger`` given), atomic checkpoint writes, and this stage's epochs."""
+    monitor = monitor or cfg.train.monitor
     kwargs = trainer_kwargs(cfg)
     given = kwargs.pop("logger", None)  # None/True/False: Lightning's default or none; the recipe's stays
     extra = [given] if isinstance(given, Logger) else list(given) if isinstance(given, (list, tuple)) else []
@@ -101,12 +102,12 @@ def make_trainer(cfg: Config, run_dir: Path, stage: str | None, epochs: int = 1,
     logger: Any = False
     if stage:
         ckpt_dir = run_dir / "checkpoints" / stage
-        mode = "min" if cfg.train.monitor == "val_loss" else "max"
+        mode = "min" if monitor.endswith("loss") else "max"
         callbacks += [
             EpochTimer(),
-            ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=cfg.train.monitor, mode=mode, save_last=True,
+            ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode=mode, save_last=True,
                             save_top_k=1, enable_version_counter=False),
-            EarlyStopping(monitor=cfg.train.monitor, mode=mode, patience=patience),
+            EarlyStopping(monitor=monitor, mode=mode, patience=patience),
             InterruptNotice(run_dir),
         ]
         logger = [HistoryCSVLogger(run_dir, name="logs", version=stage, keep_until_epoch=keep_until_epoch), *extra]
@@ -198,12 +199,17 @@ def write_predictions(path: Path, records: list[Record], result: dict, class_nam
 
 
 def train(cfg: Config, resume: bool = False) -> dict:
-    """Run the whole recipe; return the metrics written to ``metrics.json``."""
+    """Run the whole recipe (``task: segment``: :func:`~crack_lightning.training.segment.train_segmenter`);
+    return the metrics written to ``metrics.json``."""
     with quiet_lightning():
-        return _locked(cfg, resume)
+        if cfg.task == "segment":
+            from crack_lightning.training.segment import train_segmenter
+
+            return _locked(cfg, resume, train_segmenter)
+        return _locked(cfg, resume, _train)
 
 
-def _locked(cfg: Config, resume: bool) -> dict:
+def _locked(cfg: Config, resume: bool, recipe: Callable[[Config, Path, bool, float], dict]) -> dict:
     """The run, holding its folder's lock; a run that stopped before its first checkpoint leaves no folder."""
     start = time.time()
     if (cfg.trainer.num_nodes or 1) > 1 and multi_node_problem():
@@ -227,7 +233,7 @@ def _locked(cfg: Config, resume: bool) -> dict:
             if resume:
                 check_resume(cfg, run_dir)
             print(f"run folder: {path_text(run_dir)}")
-        return _train(cfg, run_dir, resume, start)
+        return recipe(cfg, run_dir, resume, start)
     except BaseException:
         # a run that stopped before its first checkpoint (a crash, a bad file, Ctrl+C) has nothing
         # to resume: leave no folder behind that would block re-running under the same name

@@ -1,0 +1,168 @@
+"""Where each crack runs, how long and how wide: a segmentation model over a photo of any size.
+
+The photo (EXIF orientation applied, as everywhere) is cut into overlapping windows, each run through
+the network on its own (memory stays bounded by the window, not the photo: a 24 MP photo is fine);
+the overlapping probabilities are averaged with weights that fall towards each window's edge, where a
+U-Net sees least context. The crack map is the probabilities at the model's stored threshold, cleaned
+of specks; each crack is then measured (:mod:`crack_lightning.inference.measure`), and the photo is
+called cracked when one crack is at least the model's ``min_crack_px`` long.
+"""
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from crack_lightning.data.images import decode_image
+from crack_lightning.errors import CheckpointError
+from crack_lightning.files import PNG_METADATA, atomic_write, csv_path, csv_text
+from crack_lightning.inference.measure import SEVERITY_MM, Crack, clean, measure
+from crack_lightning.inference.outputs import CRACKS_CSV_HEADER, SEGMENT_SUMMARY_FIELDS
+
+WINDOW = 512  # pixels per side of a window (a multiple of 32)
+OVERLAP = 64
+
+
+def load_segmenter(path: str | Path, device: str = "cpu"):
+    """A segmentation model file (``train.py --config configs/segment.yaml``'s ``model.pt`` or a ``.ckpt``)."""
+    from crack_lightning.models.checkpoint import float_weights, read_checkpoint
+    from crack_lightning.models.segmentation import CrackSegNet, segnet_arguments
+
+    ckpt = read_checkpoint(path)
+    if ckpt.get("task") != "segment":
+        raise CheckpointError(f"{path} is not a segmentation model (a crack classifier?): give --checkpoint a "
+                              "model trained with task: segment")
+    hp = {k: v for k, v in ckpt["hyper_parameters"].items() if k in segnet_arguments()}
+    model = CrackSegNet(**{**hp, "pretrained": "none", "weights_file": None})
+    try:
+        model.load_state_dict(float_weights(ckpt["state_dict"]))
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: its weights do not fit its stated architecture") from exc
+    model.on_load_checkpoint(ckpt)
+    from crack_lightning.models.checkpoint import check_threshold
+
+    check_threshold(float(model.threshold), path)
+    return model.eval().to(device)
+
+
+def _ramp(n: int, overlap: int) -> np.ndarray:
+    w = np.ones(n, np.float32)
+    k = min(overlap, n // 2)
+    if k:
+        edge = (np.arange(k, dtype=np.float32) + 1) / (k + 1)
+        w[:k], w[n - k:] = edge, edge[::-1]
+    return w
+
+
+def _starts(length: int, window: int, stride: int) -> list[int]:
+    if length <= window:
+        return [0]
+    starts = list(range(0, length - window + 1, stride))
+    return starts + ([length - window] if starts[-1] != length - window else [])
+
+
+@torch.inference_mode()
+def probability_map(image: np.ndarray, model, window: int = WINDOW, overlap: int = OVERLAP) -> np.ndarray:
+    """Crack probability per pixel ``(H, W)`` float32 of an ``HxWx3`` uint8 photo, window by window."""
+    h, w = image.shape[:2]
+    acc = np.zeros((h, w), np.float32)
+    weight = np.zeros((h, w), np.float32)
+    mean = np.array(model.pre.mean, np.float32) * 255
+    std = np.array(model.pre.std, np.float32) * 255
+    device = next(model.parameters()).device
+    for y in _starts(h, window, window - overlap):
+        for x in _starts(w, window, window - overlap):
+            tile = image[y:y + window, x:x + window]
+            th, tw = tile.shape[:2]
+            padded = np.pad(tile, ((0, -th % 32), (0, -tw % 32), (0, 0)), mode="reflect")
+            t = torch.from_numpy(((padded.astype(np.float32) - mean) / std).transpose(2, 0, 1).copy())[None]
+            p = model.probabilities(t.to(device))[0, :th, :tw].float().cpu().numpy()
+            ramp = np.outer(_ramp(th, overlap if y else 0) if h > window else np.ones(th, np.float32),
+                            _ramp(tw, overlap if x else 0) if w > window else np.ones(tw, np.float32))
+            ramp = np.maximum(ramp, 1e-3)
+            acc[y:y + th, x:x + tw] += p * ramp
+            weight[y:y + th, x:x + tw] += ramp
+    return acc / weight
+
+
+@dataclass
+class Segmentation:
+    photo: str
+    width: int
+    height: int
+    mask: np.ndarray = field(repr=False)
+    cracks: list[Crack]
+    min_crack_px: float
+
+    @property
+    def cracked(self) -> bool:
+        return any(c.length_px >= self.min_crack_px for c in self.cracks)
+
+
+def segment(path: str | Path, model, window: int = WINDOW, min_area: int = 0) -> tuple[Segmentation, np.ndarray]:
+    """The cleaned crack mask and the measured cracks of one photo (and the decoded photo)."""
+    image = decode_image(path)
+    probs = probability_map(image, model, window)
+    mask = clean(probs >= float(model.threshold), min_area or 8)
+    min_len = float(model.hparams.get("min_crack_px", 0))
+    return Segmentation(str(path), image.shape[1], image.shape[0], mask, measure(mask), min_len), image
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, max_side: int = 2000) -> np.ndarray:
+    """The photo with its crack pixels in solid magenta (thickened a pixel where the photo is shrunk to
+    ``max_side``): the crack at a glance, the rest of the photo untouched."""
+    import cv2
+
+    scale = min(1.0, max_side / max(image.shape[:2]))
+    if scale < 1.0:
+        size = (round(image.shape[1] * scale), round(image.shape[0] * scale))
+        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+        mask = cv2.resize(mask.astype(np.float32), size, interpolation=cv2.INTER_AREA) > 0  # any crack pixel shows
+    mask = cv2.dilate(mask.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0 if scale < 1.0 else mask
+    out = image.copy()
+    out[mask] = (255, 0, 255)
+    return out
+
+
+def write_outputs(seg: Segmentation, image: np.ndarray, out_dir: Path, stem: str, mm_per_pixel: float | None,
+                  edges: Sequence[float] = SEVERITY_MM) -> dict:
+    """``<stem>_mask.png`` (the photo's size, 255 = crack), ``<stem>_overlay.png``, ``<stem>_cracks.csv``;
+    returns the photo's ``summary.csv`` row."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for k, v in PNG_METADATA.items():
+        info.add_text(k, v)
+    mask_path, overlay_path = out_dir / f"{stem}_mask.png", out_dir / f"{stem}_overlay.png"
+    with atomic_write(mask_path, "wb") as f:
+        Image.fromarray(seg.mask.astype(np.uint8) * 255).save(f, format="PNG", pnginfo=info)
+    with atomic_write(overlay_path, "wb") as f:
+        Image.fromarray(overlay(image, seg.mask)).save(f, format="PNG", pnginfo=info)
+    rows = [c.row(mm_per_pixel, edges) for c in seg.cracks]
+    header = CRACKS_CSV_HEADER + (["length_mm", "mean_width_mm", "max_width_mm", "severity"] if mm_per_pixel else [])
+    with atomic_write(out_dir / f"{stem}_cracks.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=header)
+        w.writeheader()
+        w.writerows(rows)
+    longest = max((c.length_px for c in seg.cracks), default=0.0)
+    widest = max((c.max_width_px for c in seg.cracks), default=0.0)
+    row = {"photo": seg.photo, "width": seg.width, "height": seg.height, "mask": mask_path.name,
+           "overlay": overlay_path.name, "cracks": len(seg.cracks), "length_px": round(sum(c.length_px for c in seg.cracks), 1),
+           "max_width_px": round(widest, 2), "crack": int(seg.cracked), "error": ""}
+    if mm_per_pixel:
+        row.update(length_mm=round(row["length_px"] * mm_per_pixel, 3), max_width_mm=round(widest * mm_per_pixel, 4))
+    row["longest_px"] = round(longest, 1)
+    return row
+
+
+def write_summary(rows: list[dict], path: Path, mm: bool) -> None:
+    fields = SEGMENT_SUMMARY_FIELDS + (["length_mm", "max_width_mm"] if mm else [])
+    with atomic_write(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        w.writerows({**r, "photo": csv_path(r["photo"]), "error": csv_text(r.get("error", ""))} for r in rows)

@@ -1,0 +1,95 @@
+"""The segmentation recipe (``task: segment``): annotated photos -> a crack probability per pixel.
+
+The same run folder as the classifier (lock, ``config.yaml``, ``split.csv``, checkpoints every epoch,
+``--resume``, early stopping, ``metrics.json``, a release ``model.pt``): one stage that trains the whole
+U-Net, evaluated before and after by the pixel F1 with a 2-pixel tolerance, its threshold chosen on
+validation.
+"""
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+from crack_lightning.config.files import dump_yaml
+from crack_lightning.config.schema import Config
+from crack_lightning.data.segmentation import (
+    SegmentationDataModule,
+    scan_photos,
+    split_photos,
+)
+from crack_lightning.files import (
+    atomic_write,
+    csv_path,
+    path_text,
+    write_json,
+    write_text,
+)
+from crack_lightning.hardware import hardware
+from crack_lightning.models.checkpoint import (
+    float_weights,
+    read_checkpoint,
+    save_release,
+)
+from crack_lightning.models.segmentation import CrackSegmenter
+from crack_lightning.training.callbacks import EvaluationResults
+from crack_lightning.training.recipe import make_trainer
+from crack_lightning.training.run_folder import is_global_zero, newest_readable
+
+STAGE = "segment"
+
+
+def build_segmenter(cfg: Config) -> CrackSegmenter:
+    s, m = cfg.segment, cfg.model
+    return CrackSegmenter(encoder=m.backbone, pretrained=m.pretrained, weights_file=m.weights_file,
+                          decoder_channels=list(s.decoder_channels), crop_size=s.crop_size, lr=s.lr,
+                          weight_decay=s.weight_decay, dice_weight=s.dice_weight, min_crack_px=s.min_crack_px)
+
+
+def train_segmenter(cfg: Config, run_dir: Path, resume: bool, start: float) -> dict:
+    import time
+
+    roots = [cfg.data.root, *cfg.data.extra_roots]
+    splits = split_photos(scan_photos(roots, cfg.data.group_pattern), cfg.data.val_fraction, cfg.data.test_fraction,
+                          cfg.data.seed, cfg.segment.holdout)
+    model = build_segmenter(cfg)
+    if is_global_zero():
+        write_text(run_dir / "config.yaml", dump_yaml(cfg))
+        with atomic_write(run_dir / "split.csv", "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["image", "mask", "source", "group", "split"])
+            w.writerows([csv_path(p.image), csv_path(p.mask), p.source, p.group, name]
+                        for name, part in splits.items() for p in part)
+        print("split: " + ", ".join(f"{name} {len(part)} photos" for name, part in splits.items())
+              + f" -> {path_text(run_dir / 'split.csv')}")
+    dm = SegmentationDataModule(splits, model.pre, cfg.data.batch_size, cfg.data.num_workers)
+    before = _evaluate(cfg, model, dm, run_dir)
+    folder = run_dir / "checkpoints" / STAGE
+    resume_from, epoch, problems = newest_readable([folder / "last.ckpt", folder / "best.ckpt"]) if resume \
+        else (None, -1, [])
+    for problem in problems:
+        print(f"warning: skipping a damaged checkpoint: {problem}", file=sys.stderr)
+    trainer = make_trainer(cfg, run_dir, STAGE, cfg.segment.epochs, cfg.segment.patience, keep_until_epoch=epoch,
+                           monitor="val_f1")
+    trainer.fit(model, datamodule=dm, ckpt_path=str(resume_from) if resume_from else None)
+    best = next((f for f in (folder / "best.ckpt", folder / "last.ckpt") if f.is_file()), None)
+    if best:
+        model.load_state_dict(float_weights(read_checkpoint(best)["state_dict"]))
+    after = _evaluate(cfg, model, dm, run_dir)  # validation chooses the threshold, then the test
+    result = {"run_dir": str(run_dir), "task": "segment", "encoder": cfg.model.backbone, "hardware": hardware(),
+              "photos": {k: len(v) for k, v in splits.items()}, "holdout": cfg.segment.holdout,
+              "before": before, "after": after, "threshold": float(model.threshold),
+              "epochs_run": trainer.current_epoch, "wall_time_s": round(time.time() - start, 1)}
+    if is_global_zero():
+        save_release(model, run_dir / "model.pt", metrics={"test": after.get("test"), "val": after.get("val")},
+                     task="segment")
+        write_json(run_dir / "metrics.json", result)
+    return result
+
+
+def _evaluate(cfg: Config, model: CrackSegmenter, dm: SegmentationDataModule, run_dir: Path) -> dict[str, dict]:
+    trainer = make_trainer(cfg, run_dir, None)
+    found = next(c for c in trainer.callbacks if isinstance(c, EvaluationResults))
+    trainer.validate(model, dm.val_dataloader(), verbose=False)  # chooses the threshold
+    trainer.test(model, dm.test_dataloader(), verbose=False)
+    return found.results

@@ -1,0 +1,110 @@
+"""Crack segmentation end to end on small drawn photos: train.py --config configs/segment.yaml, then
+predict.py --segment: masks, overlays, per-crack measurements, the summary, bad input."""
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, SAMPLE, one_error, run_main
+from PIL import Image
+
+from crack_lightning.models.segmentation import prf, tolerant_counts
+
+
+def annotated(root, n: int, size=(160, 128), seed: int = 0):
+    """A source of concrete-like photos with a dark meandering crack and its mask (some photos clean)."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(n):
+        w, h = size
+        img = np.repeat(rng.normal(170, 10, (h, w, 1)).clip(0, 255), 3, 2).astype(np.uint8)
+        mask = np.zeros((h, w), np.uint8)
+        if i % 3:
+            x = int(rng.integers(30, w - 30))
+            for y in range(h):
+                x = int(np.clip(x + rng.integers(-1, 2), 3, w - 4))
+                mask[y, x - 1:x + 2] = 255
+            img[mask > 0] = 50
+        Image.fromarray(img).save(root / "images" / f"{root.name}-{i:03d}.jpg", quality=95)
+        Image.fromarray(mask).save(root / "masks" / f"{root.name}-{i:03d}.png")
+    return root
+
+
+TINY_SEG = ["--config", str(ROOT / "configs/segment.yaml"), "--model.pretrained", "none", "--model.weights_file", "null",
+            "--segment.epochs", "2", "--segment.crop_size", "64", "--data.batch_size", "4", "--data.num_workers", "0",
+            "--data.group_pattern", "", "--trainer.enable_progress_bar", "false"]
+
+
+@pytest.fixture(scope="module")
+def seg_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("seg")
+    a, b = annotated(tmp / "walls", 12), annotated(tmp / "slabs", 9, seed=1)
+    res = run_main("train.py", *TINY_SEG, "--data.root", a, "--data.extra_roots", f"[{b}]",
+                   "--output_dir", tmp / "runs", "--run_name", "s")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "test pixel F1" in res.stdout
+    return tmp, tmp / "runs" / "s"
+
+
+def test_training_writes_a_run_folder_with_a_segmentation_model(seg_run):
+    _, run = seg_run
+    for name in ("config.yaml", "split.csv", "metrics.json", "model.pt", "checkpoints/segment/best.ckpt",
+                 "checkpoints/segment/last.ckpt", "logs/segment/metrics.csv"):
+        assert (run / name).is_file(), name
+    ckpt = torch.load(run / "model.pt", weights_only=True)
+    assert ckpt["task"] == "segment" and 0 < float(ckpt["state_dict"]["threshold"]) < 1
+    rows = list(csv.DictReader((run / "split.csv").open()))
+    assert {r["split"] for r in rows} == {"train", "val", "test"} and {r["source"] for r in rows} == {"walls", "slabs"}
+
+
+def test_predict_segment_writes_masks_overlays_measurements_and_a_summary(seg_run, tmp_path):
+    tmp, run = seg_run
+    photos = sorted((tmp / "walls" / "images").glob("*.jpg"))[:3]
+    big = tmp_path / "big.png"  # larger than a window and not a multiple of 32: windows, padding
+    Image.new("RGB", (1100, 700), (170, 170, 170)).save(big)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff not a jpeg")
+    out = tmp_path / "out"
+    res = run_main("predict.py", "--segment", "--checkpoint", run / "model.pt", *photos, big, broken,
+                   "--output", out, "--mm-per-pixel", "0.05")
+    assert res.returncode == 1 and "unreadable" in res.stderr  # the broken file is its own error row
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    assert list(rows[0])[:11] == ["photo", "width", "height", "mask", "overlay", "cracks", "length_px",
+                                  "max_width_px", "longest_px", "crack", "error"]
+    assert {"length_mm", "max_width_mm"} <= set(rows[0]) and len(rows) == 5 and rows[-1]["error"]
+    for row in rows[:-1]:
+        mask = np.asarray(Image.open(out / row["mask"]))
+        assert mask.shape == (int(row["height"]), int(row["width"])) and set(np.unique(mask)) <= {0, 255}
+        assert (out / row["overlay"]).is_file() and row["crack"] in ("0", "1")
+        cracks = list(csv.DictReader((out / row["mask"].replace("_mask.png", "_cracks.csv")).open()))
+        assert len(cracks) == int(row["cracks"])
+        for c in cracks:
+            assert c["severity"] in ("hairline", "fine", "wide") and float(c["length_mm"]) > 0
+    # again into the same folder: our own files are replaced
+    assert run_main("predict.py", "--segment", "--checkpoint", run / "model.pt", photos[0], "--output", out)[0] == 0
+
+
+def test_segment_refuses_what_it_cannot_use(seg_run, tmp_path):
+    _, run = seg_run
+    photo = sorted((SAMPLE / "Positive").glob("*.jpg"))[0]
+    assert "not a segmentation model" in one_error(*run_main(
+        "predict.py", "--segment", "--checkpoint", ROOT / "models/crack_lite0.pt", photo, "--output", tmp_path / "o")[::2])
+    assert "cannot be combined" in one_error(*run_main(
+        "predict.py", "--segment", "--localize", photo, "--output", tmp_path / "o")[::2])
+    assert "--mm-per-pixel" in run_main("predict.py", photo, "--mm-per-pixel", "0", "--output", tmp_path / "p.csv")[2]
+    assert "--severity-mm" in one_error(*run_main(
+        "predict.py", "--segment", "--checkpoint", run / "model.pt", photo, "--output", tmp_path / "o",
+        "--severity-mm", "0.3,0.1")[::2])
+
+
+def test_pixel_scores_tolerate_two_pixels_and_no_more():
+    truth = torch.zeros(1, 40, 40)
+    truth[0, :, 20] = 1
+    for shift, expected in ((0, 1.0), (2, 1.0), (3, 0.0)):
+        pred = torch.zeros(1, 40, 40)
+        pred[0, :, 20 + shift] = 1
+        assert prf(tolerant_counts(pred, truth, 0.5))["f1"] == expected
+    assert prf(tolerant_counts(torch.zeros(1, 8, 8), torch.zeros(1, 8, 8), 0.5))["f1"] == 1.0  # nothing, rightly
