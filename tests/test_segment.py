@@ -108,3 +108,13 @@ def test_pixel_scores_tolerate_two_pixels_and_no_more():
         pred[0, :, 20 + shift] = 1
         assert prf(tolerant_counts(pred, truth, 0.5))["f1"] == expected
     assert prf(tolerant_counts(torch.zeros(1, 8, 8), torch.zeros(1, 8, 8), 0.5))["f1"] == 1.0  # nothing, rightly
+
+
+def test_onnx_runtime_gives_the_same_crack_map_as_pytorch(seg_run):
+    from crack_lightning.inference.segment import load_segmenter, probability_map
+
+    _, run = seg_run
+    image = np.random.default_rng(0).integers(0, 255, (300, 700, 3), dtype=np.uint8)  # two windows, odd sizes
+    eager = probability_map(image, load_segmenter(run / "model.pt", engine="torch"), window=256, overlap=32)
+    onnx = probability_map(image, load_segmenter(run / "model.pt", engine="onnx"), window=256, overlap=32)
+    assert eager.shape == (300, 700) and np.abs(eager - onnx).max() < 1e-4

@@ -120,7 +120,7 @@ def test_every_trainer_argument_reaches_the_trainer(tmp_path):
     from crack_lightning.config.files import load_config
     from crack_lightning.errors import ConfigError
     from crack_lightning.training.callbacks import AtomicCheckpointIO, HistoryCSVLogger
-    from crack_lightning.training.recipe import make_trainer
+    from crack_lightning.training.trainer import make_trainer
 
     cfg = load_config(ROOT / "configs/quickstart.yaml", [
         ("trainer.gradient_clip_val", "0.5"), ("trainer.gradient_clip_algorithm", "value"),

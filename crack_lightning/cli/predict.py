@@ -5,6 +5,12 @@ import sys
 from pathlib import Path
 
 from crack_lightning.cli.guard import guarded, number
+from crack_lightning.cli.photos import (
+    explain_photos,
+    localize_photos,
+    photo_outputs,
+    segment_photos,
+)
 from crack_lightning.errors import ConfigError
 from crack_lightning.files import (
     check_output_dir,
@@ -141,7 +147,7 @@ def predict_main(argv: list[str]) -> int:
         return 0
     out, outputs = _check_outputs(args, paths, [*paths, *model_files])
     if args.segment:
-        return _segment(checkpoint, paths, outputs, out, args)
+        return segment_photos(checkpoint, paths, outputs, out, args)
     kwargs = dict(checkpoint=checkpoint, batch_size=args.batch_size, num_workers=args.workers,
                   threshold=args.threshold, engine=args.engine)  # the same model settings in every process
     if args.accelerator is not None or args.devices is not None or args.num_nodes != 1:
@@ -153,7 +159,7 @@ def predict_main(argv: list[str]) -> int:
 
         predictor = Predictor(device=args.device, progress=True, **kwargs)
         if args.localize or args.explain:
-            return (_localize if args.localize else _explain)(predictor, paths, outputs, out, args)
+            return (localize_photos if args.localize else explain_photos)(predictor, paths, outputs, out, args)
         rows = write_rows(predictor.iter_rows(paths), out)
     return _summarise(rows, predictor, out, args)
 
@@ -211,7 +217,7 @@ def _check_outputs(args, paths: list[Path], protected: list[Path]) -> tuple[Path
             raise ConfigError(f"--output must be a folder with --localize/--explain/--segment: {path_text(out)} "
                               "is a file")
         check_output_dir(out)
-        outputs = _photo_outputs(paths, out, "localize" if args.localize else "segment" if args.segment else "explain")
+        outputs = photo_outputs(paths, out, "localize" if args.localize else "segment" if args.segment else "explain")
         for files in outputs:
             for f in files:
                 check_output_file(f, protected, ours=written_by_us(PHOTO_CSV_HEADERS))
@@ -267,114 +273,3 @@ def _summarise(rows: list, predictor, out: Path, args) -> int:
     for r in errors[:10]:
         print(f"  unreadable: {r.path}: {r.error}", file=sys.stderr)
     return 1 if errors else 0
-
-
-def _unique_stem(path, used: set) -> str:
-    stem = path.stem
-    n = 1
-    while stem in used:
-        n += 1
-        stem = f"{path.stem}_{n}"
-    used.add(stem)
-    return stem
-
-
-def _photo_outputs(paths, out_dir, mode: str) -> list[tuple]:
-    """The files ``--localize`` (tiles CSV, heatmap), ``--segment`` (mask, overlay, cracks CSV) or ``--explain``
-    (Grad-CAM) will write per photo, and the folder's ``summary.csv``."""
-    used: set = set()
-    stems = [_unique_stem(p, used) for p in paths]
-    if mode == "localize":
-        return [(out_dir / f"{s}_tiles.csv", out_dir / f"{s}_heatmap.png") for s in stems] + \
-            [(out_dir / "summary.csv",)]
-    if mode == "segment":
-        return [(out_dir / f"{s}_mask.png", out_dir / f"{s}_overlay.png", out_dir / f"{s}_cracks.csv")
-                for s in stems] + [(out_dir / "summary.csv",)]
-    return [(out_dir / f"{s}_gradcam.png",) for s in stems]
-
-
-def _segment(checkpoint: Path, paths, outputs, out_dir: Path, args) -> int:
-    from crack_lightning.errors import BadImageError
-    from crack_lightning.inference.segment import (
-        load_segmenter,
-        segment,
-        write_outputs,
-        write_summary,
-    )
-
-    try:
-        edges = tuple(float(e) for e in args.severity_mm.split(","))
-    except ValueError:
-        raise ConfigError(f"--severity-mm takes increasing widths in mm, e.g. 0.1,0.3; got {args.severity_mm!r}") \
-            from None
-    if not edges or list(edges) != sorted(set(edges)) or edges[0] <= 0:
-        raise ConfigError(f"--severity-mm takes increasing widths in mm, e.g. 0.1,0.3; got {args.severity_mm!r}")
-    if not checkpoint.is_file():
-        raise ConfigError(f"no segmentation model at {path_text(checkpoint)}: train one (python train.py --config "
-                          "configs/segment.yaml) and give it with --checkpoint")
-    model = load_segmenter(checkpoint, args.device)
-    rows, failed = [], 0
-    for path, (mask, _, _) in zip(paths, outputs):
-        try:
-            seg, image = segment(path, model)
-        except BadImageError as exc:
-            failed += 1
-            rows.append({"photo": str(path), "error": str(exc)})
-            print(f"  unreadable: {path_text(path)}: {exc}", file=sys.stderr)
-        else:
-            row = write_outputs(seg, image, out_dir, mask.name[:-len("_mask.png")], args.mm_per_pixel, edges)
-            rows.append(row)
-            print(f"{path_text(path)}: {row['cracks']} crack(s), {row['length_px']} px long in all, widest "
-                  f"{row['max_width_px']} px{'' if seg.cracked else ' (no crack long enough to count)'} -> "
-                  f"{path_text(out_dir / row['overlay'])}")
-        write_summary(rows, out_dir / "summary.csv", args.mm_per_pixel is not None)  # after every photo
-    return 1 if failed else 0
-
-
-def _localize(predictor, paths, outputs, out_dir, args) -> int:
-    from crack_lightning.errors import BadImageError
-    from crack_lightning.inference.localize import (
-        localize,
-        summary_row,
-        write_heatmap,
-        write_summary,
-        write_tiles_csv,
-    )
-
-    rows, failed = [], 0
-    for path, (tiles_csv, heatmap) in zip(paths, outputs):
-        try:
-            loc, image = localize(path, predictor, args.tile, args.stride or None, progress=True)
-        except BadImageError as exc:
-            failed += 1
-            rows.append({"photo": str(path), "error": str(exc)})
-            print(f"  unreadable: {path_text(path)}: {exc}", file=sys.stderr)
-        else:
-            write_tiles_csv(loc, tiles_csv)
-            write_heatmap(loc, image, heatmap)
-            row = summary_row(loc)
-            rows.append(row)
-            print(f"{path_text(path)}: {row['crack_tiles']}/{row['tiles']} crack tiles, "
-                  f"{float(row['crack_fraction']):.1%} of the surface -> {path_text(heatmap)}")
-        write_summary(rows, out_dir / "summary.csv")  # after every photo: an interruption keeps what is done
-    return 1 if failed else 0
-
-
-def _explain(predictor, paths, outputs, out_dir, args) -> int:
-    import torch
-
-    from crack_lightning.errors import BadImageError
-    from crack_lightning.inference.explain import explain_file
-
-    if not isinstance(predictor.model, torch.nn.Module):
-        raise ConfigError("--explain needs a PyTorch checkpoint (.pt/.ckpt), not an exported model")
-    failed = 0
-    for path, (out,) in zip(paths, outputs):
-        try:
-            prob = explain_file(predictor.model, path, out)
-        except BadImageError as exc:
-            failed += 1
-            print(f"  unreadable: {path}: {exc}", file=sys.stderr)
-            continue
-        print(f"{path}: p(crack)={prob:.3f} -> {out}")
-    return 1 if failed else 0

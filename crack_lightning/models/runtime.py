@@ -36,10 +36,12 @@ def use_onnx(engine: str, device: torch.device | str) -> bool:
     return engine == "onnx" or (engine == "auto" and torch.device(device).type == "cpu")
 
 
-def to_onnx(module: nn.Module, size: int, f, opset: int = OPSET) -> None:
-    """Trace ``module`` (images ``[N,3,size,size]`` in) to ONNX with a dynamic batch dimension."""
+def to_onnx(module: nn.Module, size: int, f, opset: int = OPSET, dense: bool = False) -> None:
+    """Trace ``module`` (images ``[N,3,size,size]`` in) to ONNX with a dynamic batch dimension (``dense``:
+    a per-pixel output, and dynamic height and width as well)."""
+    axes = {0: "batch", 2: "height", 3: "width"} if dense else {0: "batch"}
     torch.onnx.export(module.eval(), (torch.zeros(1, 3, size, size),), f, dynamo=False, input_names=["image"],
-                      output_names=["probability"], dynamic_axes={"image": {0: "batch"}, "probability": {0: "batch"}},
+                      output_names=["probability"], dynamic_axes={"image": axes, "probability": axes},
                       opset_version=opset)
 
 
@@ -71,10 +73,10 @@ def cached_onnx(module: nn.Module, size: int) -> bytes:
     return cached_export(export_key(module, size), lambda: exported(module, size))
 
 
-def exported(module: nn.Module, size: int) -> bytes:
+def exported(module: nn.Module, size: int, dense: bool = False) -> bytes:
     buf = io.BytesIO()
     with torch.no_grad():
-        to_onnx(module, size, buf)
+        to_onnx(module, size, buf, dense=dense)
     return buf.getvalue()
 
 

@@ -33,8 +33,8 @@ from crack_lightning.models.checkpoint import (
 )
 from crack_lightning.models.segmentation import CrackSegmenter
 from crack_lightning.training.callbacks import EvaluationResults
-from crack_lightning.training.recipe import make_trainer
 from crack_lightning.training.run_folder import is_global_zero, newest_readable
+from crack_lightning.training.trainer import make_trainer
 
 STAGE = "segment"
 
