@@ -3,6 +3,7 @@ predict.py --segment: masks, overlays, per-crack measurements, the summary, bad 
 from __future__ import annotations
 
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -56,7 +57,10 @@ def test_training_writes_a_run_folder_with_a_segmentation_model(seg_run):
         assert (run / name).is_file(), name
     ckpt = torch.load(run / "model.pt", weights_only=True)
     assert ckpt["task"] == "segment" and 0 < float(ckpt["state_dict"]["threshold"]) < 1
+    decision = json.loads((run / "metrics.json").read_text())["photos_decision"]
+    assert decision["min_crack_px"] == ckpt["hyper_parameters"]["min_crack_px"] >= 1  # chosen on validation, stored
     rows = list(csv.DictReader((run / "split.csv").open()))
+    assert decision["test_photos"] == sum(r["split"] == "test" for r in rows) and 0 <= decision["test_false_alarms"] <= 1
     assert {r["split"] for r in rows} == {"train", "val", "test"} and {r["source"] for r in rows} == {"walls", "slabs"}
 
 
@@ -118,3 +122,19 @@ def test_onnx_runtime_gives_the_same_crack_map_as_pytorch(seg_run):
     eager = probability_map(image, load_segmenter(run / "model.pt", engine="torch"), window=256, overlap=32)
     onnx = probability_map(image, load_segmenter(run / "model.pt", engine="onnx"), window=256, overlap=32)
     assert eager.shape == (300, 700) and np.abs(eager - onnx).max() < 1e-4
+
+
+def test_a_segmentation_model_exports_to_onnx_with_its_contract(seg_run, tmp_path):
+    import onnxruntime as ort
+
+    from crack_lightning.inference.segment import load_segmenter
+
+    _, run = seg_run
+    res = run_main("predict.py", "--checkpoint", run / "model.pt", "--export", tmp_path / "exp")
+    assert res.returncode == 0, res.stderr[-2000:]
+    contract = json.loads((tmp_path / "exp" / "model.json").read_text())
+    assert contract["task"] == "segment" and 0 < contract["threshold"] < 1
+    x = torch.randn(1, 3, 96, 160)
+    got = ort.InferenceSession(str(tmp_path / "exp" / "model.onnx")).run(None, {"image": x.numpy()})[0]
+    assert got.shape == (1, 96, 160)
+    assert np.abs(got - load_segmenter(run / "model.pt").probabilities(x).numpy()).max() < 1e-4

@@ -76,13 +76,15 @@ def train_segmenter(cfg: Config, run_dir: Path, resume: bool, start: float) -> d
     if best:
         model.load_state_dict(float_weights(read_checkpoint(best)["state_dict"]))
     after = _evaluate(cfg, model, dm, run_dir)  # validation chooses the threshold, then the test
+    photos = photo_decision(model, splits)  # validation chooses the shortest crack that flags a photo
+    model.hparams["min_crack_px"] = photos["min_crack_px"]
     result = {"run_dir": str(run_dir), "task": "segment", "encoder": cfg.model.backbone, "hardware": hardware(),
               "photos": {k: len(v) for k, v in splits.items()}, "holdout": cfg.segment.holdout,
-              "before": before, "after": after, "threshold": float(model.threshold),
+              "before": before, "after": after, "threshold": float(model.threshold), "photos_decision": photos,
               "epochs_run": trainer.current_epoch, "wall_time_s": round(time.time() - start, 1)}
     if is_global_zero():
-        save_release(model, run_dir / "model.pt", metrics={"test": after.get("test"), "val": after.get("val")},
-                     task="segment")
+        save_release(model, run_dir / "model.pt", metrics={"test": after.get("test"), "val": after.get("val"),
+                                                          "photos": photos}, task="segment")
         write_json(run_dir / "metrics.json", result)
     return result
 
@@ -93,3 +95,42 @@ def _evaluate(cfg: Config, model: CrackSegmenter, dm: SegmentationDataModule, ru
     trainer.validate(model, dm.val_dataloader(), verbose=False)  # chooses the threshold
     trainer.test(model, dm.test_dataloader(), verbose=False)
     return found.results
+
+
+CRACKED_PX = 50  # a photo whose mask has at least this many crack pixels shows a crack
+
+
+def longest_cracks(model, photos: list) -> list[tuple[float, bool]]:
+    """For each photo: the longest crack the model finds, and whether its mask shows a crack."""
+    from crack_lightning.data.images import decode_image
+    from crack_lightning.data.tiles import read_mask
+    from crack_lightning.inference.measure import clean, measure
+    from crack_lightning.inference.segment import probability_map
+
+    out = []
+    model.eval()
+    for p in photos:
+        image = decode_image(p.image)
+        truth = read_mask(Path(p.mask), (image.shape[1], image.shape[0])).sum() >= CRACKED_PX
+        cracks = measure(clean(probability_map(image, model) >= float(model.threshold), 8))
+        out.append((max((c.length_px for c in cracks), default=0.0), bool(truth)))
+    return out
+
+
+def photo_decision(model, splits: dict[str, list]) -> dict:
+    """The photo-level answer (a crack at least ``min_crack_px`` long): the length chosen on the validation
+    photos (best accuracy, the shorter on a tie), then scored on the test photos, crack-free ones apart."""
+    val = longest_cracks(model, splits["val"])
+    candidates = sorted({0.0, *(length for length, _ in val)})
+    def accuracy(cut: float, pairs) -> float:
+        return sum((length >= cut) == truth for length, truth in pairs) / max(len(pairs), 1)
+    cut = max(candidates, key=lambda c: (accuracy(c, val), -c)) if val else 40.0
+    cut = float(max(cut, 1.0))
+    test = longest_cracks(model, splits["test"])
+    clear = [length for length, truth in test if not truth]
+    cracked = [length for length, truth in test if truth]
+    return {"min_crack_px": round(cut, 1), "val_accuracy": round(accuracy(cut, val), 4),
+            "test_accuracy": round(accuracy(cut, test), 4), "test_photos": len(test),
+            "test_recall": round(sum(x >= cut for x in cracked) / max(len(cracked), 1), 4),
+            "test_crack_free": len(clear),
+            "test_false_alarms": round(sum(x >= cut for x in clear) / max(len(clear), 1), 4)}
