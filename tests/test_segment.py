@@ -138,3 +138,17 @@ def test_a_segmentation_model_exports_to_onnx_with_its_contract(seg_run, tmp_pat
     got = ort.InferenceSession(str(tmp_path / "exp" / "model.onnx")).run(None, {"image": x.numpy()})[0]
     assert got.shape == (1, 96, 160)
     assert np.abs(got - load_segmenter(run / "model.pt").probabilities(x).numpy()).max() < 1e-4
+
+
+def test_leave_one_source_out_tests_only_the_held_out_sources():
+    from crack_lightning.data.segmentation import Photo, split_photos
+    from crack_lightning.errors import DataError
+
+    photos = [Photo(f"{s}{i}.jpg", f"{s}{i}.png", s, f"{s}/{i}") for s in ("walls", "slabs", "clear") for i in range(10)]
+    split = split_photos(photos, 0.2, 0.2, seed=0, holdout=["walls", "clear"])
+    assert {p.source for p in split["test"]} == {"walls", "clear"} and len(split["test"]) == 20
+    assert {p.source for p in split["train"] + split["val"]} == {"slabs"}
+    mixed = split_photos(photos, 0.2, 0.2, seed=0)
+    assert not {p.group for p in mixed["train"]} & {p.group for p in mixed["test"] + mixed["val"]}
+    with pytest.raises(DataError, match="names no data root"):
+        split_photos(photos, 0.2, 0.2, seed=0, holdout=["gaps"])

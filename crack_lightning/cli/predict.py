@@ -165,7 +165,8 @@ def predict_main(argv: list[str]) -> int:
 
 
 def _check_options(args) -> None:
-    modes = [m for m in ("localize", "explain", "segment", "calibrate_site", "export") if getattr(args, m)]
+    modes = [m for m in ("localize", "explain", "segment", "export") if getattr(args, m)]
+    modes += ["calibrate_site"] if args.calibrate_site and (args.explain or args.segment) else []  # it takes --localize
     if len(modes) > 1:
         raise ConfigError(f"--{modes[0].replace('_', '-')} and --{modes[1].replace('_', '-')} cannot be combined")
     if args.mm_per_pixel is not None and not args.segment:

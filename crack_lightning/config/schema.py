@@ -143,8 +143,8 @@ class SegmentConfig:
         crop_size: training crops, in pixels (a multiple of 32), cut at random scales from the photos
         dice_weight: weight of the Dice loss beside the pixel BCE (thin cracks are few pixels)
         decoder_channels: the U-Net decoder's widths, deepest first
-        holdout: a source (a data root's folder name) held out as the test split, never trained on
-            (leave-one-source-out); "" = a test split of photos from every source
+        holdout: sources (data roots' folder names) held out as the test split, never trained on
+            (leave-one-source-out); [] = a test split of photos from every source
         min_crack_px: a photo is called cracked when it has a crack at least this long (pixels of skeleton)
     """
 
@@ -155,7 +155,7 @@ class SegmentConfig:
     crop_size: int = 256
     dice_weight: float = 1.0
     decoder_channels: list[int] = field(default_factory=lambda: [128, 64, 32, 16, 8])
-    holdout: str = ""
+    holdout: list[str] = field(default_factory=list)
     min_crack_px: int = 40
 
 

@@ -50,15 +50,19 @@ def scan_photos(roots: Sequence[str | Path], group_pattern: str = "") -> list[Ph
 
 
 def split_photos(photos: list[Photo], val_fraction: float, test_fraction: float, seed: int,
-                 holdout: str = "") -> dict[str, list[Photo]]:
-    """train / val / test by photo group; ``holdout``: that source is the test split, and no other photo
-    of it is trained on (leave-one-source-out)."""
-    test = [p for p in photos if holdout and p.source == holdout]
-    rest = [p for p in photos if not (holdout and p.source == holdout)]
+                 holdout: Sequence[str] = ()) -> dict[str, list[Photo]]:
+    """train / val / test by photo group; ``holdout``: those sources are the test split, and no photo of
+    them is trained on (leave-one-source-out)."""
+    unknown = set(holdout) - {p.source for p in photos}
+    if unknown:
+        raise DataError(f"segment.holdout names no data root: {', '.join(sorted(unknown))} (the roots' folder names: "
+                        f"{', '.join(sorted({p.source for p in photos}))})")
+    test = [p for p in photos if p.source in holdout]
+    rest = [p for p in photos if p.source not in holdout]
     groups = sorted({p.group for p in rest})
     random.Random(seed).shuffle(groups)
     n_val = max(1, round(len(groups) * val_fraction))
-    n_test = 0 if holdout else max(1, round(len(groups) * test_fraction))
+    n_test = 0 if test else max(1, round(len(groups) * test_fraction))
     val_g, test_g = set(groups[:n_val]), set(groups[n_val:n_val + n_test])
     out = {"train": [p for p in rest if p.group not in val_g | test_g], "val": [p for p in rest if p.group in val_g],
            "test": test + [p for p in rest if p.group in test_g]}

@@ -79,7 +79,7 @@ def train_segmenter(cfg: Config, run_dir: Path, resume: bool, start: float) -> d
     photos = photo_decision(model, splits)  # validation chooses the shortest crack that flags a photo
     model.hparams["min_crack_px"] = photos["min_crack_px"]
     result = {"run_dir": str(run_dir), "task": "segment", "encoder": cfg.model.backbone, "hardware": hardware(),
-              "photos": {k: len(v) for k, v in splits.items()}, "holdout": cfg.segment.holdout,
+              "photos": {k: len(v) for k, v in splits.items()}, "holdout": list(cfg.segment.holdout),
               "before": before, "after": after, "threshold": float(model.threshold), "photos_decision": photos,
               "epochs_run": trainer.current_epoch, "wall_time_s": round(time.time() - start, 1)}
     if is_global_zero():

@@ -1,0 +1,51 @@
+#!/usr/bin/env python
+"""Choose a finished segmentation run's photo-level rule (the shortest crack that flags a photo) on its
+validation photos, score it on its test photos, and write the model with it (runs trained before the
+recipe chose it themselves).
+
+    python tools/photo_rule.py --run runs/seg_all --output models/crack_seg_lite0.pt
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+from crack_lightning.cli.guard import guarded
+
+
+def run(args: argparse.Namespace) -> int:
+    from crack_lightning.data.segmentation import Photo
+    from crack_lightning.errors import ConfigError
+    from crack_lightning.files import path_from_csv, write_json
+    from crack_lightning.inference.segment import load_segmenter
+    from crack_lightning.models.checkpoint import read_checkpoint, save_release
+    from crack_lightning.training.segment import photo_decision
+
+    run_dir, out = Path(args.run), Path(args.output)
+    if out.exists():
+        raise ConfigError(f"{out} exists: choose a new --output file")
+    with open(run_dir / "split.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    splits = {name: [Photo(path_from_csv(r["image"]), path_from_csv(r["mask"]), r["source"], r["group"])
+                     for r in rows if r["split"] == name] for name in ("train", "val", "test")}
+    model = load_segmenter(run_dir / "model.pt", engine="torch")
+    decision = photo_decision(model, splits)
+    model.hparams["min_crack_px"] = decision["min_crack_px"]
+    metrics = dict(read_checkpoint(run_dir / "model.pt").get("metrics") or {})
+    metrics["photos"] = decision
+    save_release(model, out, metrics=metrics, task="segment")
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    summary["photos_decision"] = decision
+    write_json(out.with_suffix(".metrics.json"), summary)
+    print(json.dumps(decision, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", required=True)
+    ap.add_argument("--output", required=True)
+    sys.exit(guarded(lambda: run(ap.parse_args())))
