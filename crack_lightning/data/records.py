@@ -29,7 +29,7 @@ SPLIT_CSV_HEADER = ["path", "label", "class_name", "split", "sha256", "box", "gr
 def write_split_csv(records: list[Record], path: Path, class_names: Sequence[str]) -> None:
     """Every image with its label, split and hash. UTF-8; a path that is not valid UTF-8 is
     written with ``\\xNN`` escapes and a cell a spreadsheet would run gets a leading ``'``
-    (:mod:`crack_lightning.io`); :func:`read_split_csv` undoes both."""
+    (:mod:`crack_lightning.files`); :func:`read_split_csv` undoes both."""
     from crack_lightning.files import atomic_write, csv_path, csv_text
 
     with atomic_write(path, "w", newline="", encoding="utf-8") as f:

@@ -3,7 +3,7 @@
 ``predict.py INPUT... --accelerator gpu --devices 4 [--num_nodes 2]`` runs
 ``Trainer.predict`` under DDP: Lightning starts the processes and gives each a
 ``DistributedSampler`` share of the files; every process builds its own
-:class:`~crack_lightning.predict.Predictor` on its own device (same engine rule,
+:class:`~crack_lightning.inference.predictor.Predictor` on its own device (same engine rule,
 preprocessing and threshold as a single-process run), and a
 :class:`~lightning.pytorch.callbacks.BasePredictionWriter` stores its rows in a shard.
 Global rank 0 merges the shards in input order (the sampler's padding repeats a few

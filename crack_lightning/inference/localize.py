@@ -3,7 +3,7 @@
 The photo is decoded once (EXIF-rotated, converted to RGB); tiles are cut and
 classified in batches, so memory stays at the photo itself plus one batch of
 tiles, whatever the number of tiles. Each tile goes through the same
-:func:`~crack_lightning.transforms.eval_transform` as training patches.
+:func:`~crack_lightning.data.transforms.eval_transform` as training patches.
 """
 from __future__ import annotations
 

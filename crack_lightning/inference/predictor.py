@@ -1,7 +1,7 @@
 """Batch prediction over any mix of files, folders and globs (what ``predict.py`` runs).
 
-Images go through the same :func:`~crack_lightning.images.decode_image` and
-:func:`~crack_lightning.transforms.eval_transform` as training. A file that
+Images go through the same :func:`~crack_lightning.data.images.decode_image` and
+:func:`~crack_lightning.data.transforms.eval_transform` as training. A file that
 cannot be read becomes an error row; the run goes on.
 """
 from __future__ import annotations
@@ -227,7 +227,7 @@ class Predictor:
 
 
 def write_rows(rows: Iterable[Row], path: str | Path) -> list[Row]:
-    """Write the prediction CSV atomically (UTF-8; paths and text cells as :func:`~crack_lightning.io.csv_path`
+    """Write the prediction CSV atomically (UTF-8; paths and text cells as :func:`~crack_lightning.files.csv_path`
     writes them); return the rows."""
     rows = list(rows)
     with atomic_write(path, "w", newline="", encoding="utf-8") as f:

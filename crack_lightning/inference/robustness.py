@@ -3,7 +3,7 @@
 Controlled shifts that a site photo brings, applied to the clean test split
 (each deterministic, so two models see exactly the same pixels), plus recall on
 an out-of-domain crack-only folder (e.g. masonry walls). Prediction goes
-through the normal :class:`~crack_lightning.predict.Predictor`.
+through the normal :class:`~crack_lightning.inference.predictor.Predictor`.
 """
 from __future__ import annotations
 

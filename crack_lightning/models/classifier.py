@@ -23,7 +23,7 @@ class CrackClassifier(CrackNet, L.LightningModule):
 
     ``freeze_backbone(True)`` gives the seed's transfer-learning recipe (only the
     head learns, backbone BatchNorm statistics stay ImageNet's); ``False`` the
-    fine-tuning stage. Lightning's loops get :class:`~crack_lightning.data.Batch` es: images
+    fine-tuning stage. Lightning's loops get :class:`~crack_lightning.data.loaders.Batch` es: images
     (normalised floats ``(B,3,S,S)``, or uint8 ``(B,H,W,3)`` that
     :meth:`on_after_batch_transfer` resizes and normalises on the module's own device) go
     through :meth:`forward`; cached backbone features (``batch.features``, the cached-feature

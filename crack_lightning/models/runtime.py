@@ -4,11 +4,11 @@
   GPU (channels_last, bf16 autocast: tensor cores);
 * ``onnx`` / ``torch``: forced.
 
-Prediction (:class:`~crack_lightning.predict.Predictor`) and the cached-feature frozen stage
-(:func:`~crack_lightning.training.feature_extractor`) both ask here. An ONNX export costs a second
+Prediction (:class:`~crack_lightning.inference.predictor.Predictor`) and the cached-feature frozen stage
+(:func:`~crack_lightning.training.features.feature_extractor`) both ask here. An ONNX export costs a second
 or two per start, so exports are cached on disk by the network's weights (``~/.cache/crack_lightning/onnx``,
 or ``$CRACK_LIGHTNING_CACHE``): the second start of ``predict.py`` with the same model loads it.
-:class:`OnnxModel` runs a model exported by :mod:`crack_lightning.export` (which only exports).
+:class:`OnnxModel` runs a model exported by :mod:`crack_lightning.inference.export` (which only exports).
 """
 from __future__ import annotations
 

@@ -107,7 +107,7 @@ class ApiKey:
 def create_app(predictor, *, api_key: str | None = None, max_upload_mb: float = SERVER_MAX_UPLOAD_MB,
                max_queue: int = SERVER_MAX_QUEUE, max_batch: int = SERVER_MAX_BATCH, max_pixels: int = SERVER_MAX_PIXELS,
                decode_threads: int = 4, max_localize: int = 2):
-    """The FastAPI application around a loaded :class:`~crack_lightning.predict.Predictor`."""
+    """The FastAPI application around a loaded :class:`~crack_lightning.inference.predictor.Predictor`."""
     batcher = Batcher(predictor, max_batch=max_batch, max_queue=max_queue)
     decoders = ThreadPoolExecutor(decode_threads, thread_name_prefix="decode")
     prepare = predictor.preparer(max_pixels)

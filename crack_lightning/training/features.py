@@ -21,7 +21,7 @@ def feature_device(cfg: Config) -> torch.device:
 
 def feature_extractor(model: CrackNet, engine: str = "auto", device: torch.device | str = "cpu"):
     """The frozen backbone as a function of image batches (uint8 or normalised), on the engine
-    :mod:`crack_lightning.engine` picks; the features come back as float32 on the CPU."""
+    :mod:`crack_lightning.models.runtime` picks; the features come back as float32 on the CPU."""
     from crack_lightning.models.runtime import onnx_runner, torch_runner, use_onnx
 
     model.eval()
@@ -34,7 +34,7 @@ def feature_extractor(model: CrackNet, engine: str = "auto", device: torch.devic
 
 
 def site_anchors(cfg: Config, model: CrackNet, dm: CrackDataModule) -> dict | None:
-    """The features of up to :data:`~crack_lightning.calibrate.ANCHORS` training tiles (every source and
+    """The features of up to :data:`~crack_lightning.models.anchors.ANCHORS` training tiles (every source and
     class alike) under the final weights: what ``predict.py --calibrate-site`` refits the head against."""
     from crack_lightning.data.loaders import compute_features
     from crack_lightning.models.anchors import linear_head, pack_anchors, pick_anchors
