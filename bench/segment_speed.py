@@ -22,7 +22,8 @@ from PIL import Image
 
 from crack_lightning.files import RESULTS_HELP, results_path, write_results
 from crack_lightning.hardware import describe, machine
-from crack_lightning.inference.segment import load_segmenter, probability_map
+from crack_lightning.inference.segment import load_segmenter
+from crack_lightning.models.segmentation import probability_map
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -36,3 +36,7 @@ class CheckpointError(UserError):
 
 class BadImageError(UserError):
     """A file that cannot be used as an image; the message is the reason."""
+
+
+class Stopped(Exception):
+    """Work called off (its client left, or the server is stopping): not an error of anyone's."""

@@ -5,12 +5,15 @@ import contextlib
 import io
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import NamedTuple
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -113,3 +116,30 @@ def trained_run(tmp_path_factory) -> Path:
                   "--trainer.enable_progress_bar", "false")
     assert res.returncode == 0, res.stderr[-3000:]
     return out / "tiny"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(*args: str) -> tuple[subprocess.Popen, str]:
+    """``serve.py`` in its own process with ``args``, once it answers."""
+    key = args[args.index("--api-key") + 1] if "--api-key" in args else ""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "serve.py", "--port", str(port), *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            if httpx.get(url + "/healthz", headers={"X-API-Key": key}, timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            time.sleep(0.3)
+    proc.kill()
+    raise AssertionError("server did not come up")
+
+

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from crack_lightning.inference.measure import clean, measure, severity
+from crack_lightning.measure import clean, measure, severity
 
 
 def drawn(polylines, width: float, shape=(320, 320)) -> np.ndarray:

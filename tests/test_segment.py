@@ -115,7 +115,8 @@ def test_pixel_scores_tolerate_two_pixels_and_no_more():
 
 
 def test_onnx_runtime_gives_the_same_crack_map_as_pytorch(seg_run):
-    from crack_lightning.inference.segment import load_segmenter, probability_map
+    from crack_lightning.inference.segment import load_segmenter
+    from crack_lightning.models.segmentation import probability_map
 
     _, run = seg_run
     image = np.random.default_rng(0).integers(0, 255, (300, 700, 3), dtype=np.uint8)  # two windows, odd sizes
@@ -152,3 +153,32 @@ def test_leave_one_source_out_tests_only_the_held_out_sources():
     assert not {p.group for p in mixed["train"]} & {p.group for p in mixed["test"] + mixed["val"]}
     with pytest.raises(DataError, match="names no data root"):
         split_photos(photos, 0.2, 0.2, seed=0, holdout=["gaps"])
+
+
+def test_the_server_segments_a_photo_and_bounds_it(seg_run, tmp_path):
+    """POST /v1/segment: the cracks with length and width (in mm with a scale), the mask as a PNG of the
+    photo's size; bad scales and unreadable files answer in the error shape."""
+    import base64
+    import io
+
+    import httpx
+    from conftest import start_server
+
+    tmp, run = seg_run
+    photo = sorted((tmp / "walls" / "images").glob("*.jpg"))[1]
+    proc, url = start_server("--segment-checkpoint", str(run / "model.pt"))
+    try:
+        r = httpx.post(url + "/v1/segment?mm_per_pixel=0.05", files={"file": (photo.name, photo.read_bytes())},
+                       timeout=120)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert (body["width"], body["height"]) == (160, 128) and isinstance(body["crack"], bool)
+        assert all({"length_mm", "max_width_mm", "severity"} <= set(c) for c in body["cracks"])
+        mask = Image.open(io.BytesIO(base64.b64decode(body["mask_png"])))
+        assert mask.size == (160, 128) and set(np.unique(np.asarray(mask))) <= {0, 255}
+        assert httpx.post(url + "/v1/segment?mm_per_pixel=-1", files={"file": ("a.jpg", b"x")}).status_code == 400
+        bad = httpx.post(url + "/v1/segment", files={"file": ("a.jpg", b"not an image")})
+        assert bad.status_code == 422 and set(bad.json()) == {"error"}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -14,36 +14,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import ROOT, SAMPLE
+from conftest import ROOT, SAMPLE, start_server
 from PIL import Image
 
 KEY = "s3cret"
 POSITIVES = sorted((SAMPLE / "Positive").glob("*.jpg"))[:3]
 NEGATIVES = sorted((SAMPLE / "Negative").glob("*.jpg"))[:3]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(*args: str) -> tuple[subprocess.Popen, str]:
-    """``serve.py`` in its own process with ``args``, once it answers."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "serve.py", "--port", str(port), *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        assert proc.poll() is None, proc.stdout.read()
-        try:
-            if httpx.get(url + "/healthz", headers={"X-API-Key": KEY}, timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            time.sleep(0.3)
-    proc.kill()
-    raise AssertionError("server did not come up")
 
 
 @pytest.fixture(scope="module")

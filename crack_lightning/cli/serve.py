@@ -35,6 +35,9 @@ def serve_parser():
     p.add_argument("--max-queue", type=number(int, 1), default=SERVER_MAX_QUEUE,
                    help="images waiting for the model before 503 (also the most images one request may send)")
     p.add_argument("--max-batch", type=number(int, 1), default=SERVER_MAX_BATCH, help="images per model call")
+    p.add_argument("--segment-checkpoint", default=None,
+                   help="segmentation model for POST /v1/segment (default: models/crack_seg_lite0.pt when there; "
+                        "'none': no segmentation)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     return p
 
@@ -56,7 +59,7 @@ def serve_main(argv: list[str]) -> int:
     from crack_lightning.serve.app import create_app
 
     predictor = Predictor(args.checkpoint, args.device, batch_size=args.max_batch)
-    app = create_app(predictor, api_key=api_key, max_upload_mb=args.max_upload_mb, max_queue=args.max_queue,
+    app = create_app(predictor, segmenter=_segmenter(args.segment_checkpoint, args.device), api_key=api_key, max_upload_mb=args.max_upload_mb, max_queue=args.max_queue,
                      max_batch=args.max_batch, max_pixels=args.max_pixels)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
                                            timeout_graceful_shutdown=SERVER_SHUTDOWN_S))
@@ -64,6 +67,19 @@ def serve_main(argv: list[str]) -> int:
           f"open http://{args.host}:{args.port}/ (API docs: /docs)", flush=True)
     server.run(sockets=[sock])
     return 0
+
+
+def _segmenter(choice: str | None, device: str):
+    """The segmentation model to serve: the one named, else the shipped one if installed, else none."""
+    from crack_lightning.inference.outputs import DEFAULT_CHECKPOINT, SEGMENT_MODEL
+    from crack_lightning.inference.segment import load_segmenter
+
+    if choice == "none":
+        return None
+    path = Path(choice) if choice else DEFAULT_CHECKPOINT.with_name(SEGMENT_MODEL)
+    if choice is None and not path.is_file():
+        return None
+    return load_segmenter(path, device, engine="auto")
 
 
 def listening_socket(host: str, port: int):

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from crack_lightning.data.images import decode_image
 from crack_lightning.data.tiles import TRAINING_TILE, Tile, iter_tiles
 from crack_lightning.data.transforms import eval_transform
+from crack_lightning.errors import Stopped
 from crack_lightning.files import (
     PNG_METADATA,
     atomic_write,
@@ -69,10 +70,6 @@ def localize(path: str | Path, predictor, tile: int = TRAINING_TILE, stride: int
     """Classify every tile of the photo at ``path``; return the tiles and the decoded photo."""
     image = decode_image(path)
     return localize_array(image, predictor, tile, stride, str(path), progress), image
-
-
-class Stopped(Exception):
-    """The work was called off (its client left, or the server is stopping)."""
 
 
 def localize_array(image: np.ndarray, predictor, tile: int = TRAINING_TILE, stride: int | None = None,

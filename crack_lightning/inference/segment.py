@@ -4,7 +4,7 @@ The photo (EXIF orientation applied, as everywhere) is cut into overlapping wind
 the network on its own (memory stays bounded by the window, not the photo: a 24 MP photo is fine);
 the overlapping probabilities are averaged with weights that fall towards each window's edge, where a
 U-Net sees least context. The crack map is the probabilities at the model's stored threshold, cleaned
-of specks; each crack is then measured (:mod:`crack_lightning.inference.measure`), and the photo is
+of specks; each crack is then measured (:mod:`crack_lightning.measure`), and the photo is
 called cracked when one crack is at least the model's ``min_crack_px`` long.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -20,11 +20,11 @@ import torch
 from crack_lightning.data.images import decode_image
 from crack_lightning.errors import CheckpointError
 from crack_lightning.files import PNG_METADATA, atomic_write, csv_path, csv_text
-from crack_lightning.inference.measure import SEVERITY_MM, Crack, clean, measure
 from crack_lightning.inference.outputs import CRACKS_CSV_HEADER, SEGMENT_SUMMARY_FIELDS
+from crack_lightning.measure import SEVERITY_MM, Crack, clean, measure
+from crack_lightning.models.segmentation import probability_map
 
-WINDOW = 512  # pixels per side of a window (a multiple of 32)
-OVERLAP = 64
+MIN_AREA = 8  # crack-map components smaller than this many pixels are specks, not cracks
 
 
 class _Probabilities(torch.nn.Module):
@@ -89,46 +89,6 @@ def load_segmenter(path: str | Path, device: str = "cpu", engine: str = "torch")
     return model.eval().to(device)
 
 
-def _ramp(n: int, overlap: int) -> np.ndarray:
-    w = np.ones(n, np.float32)
-    k = min(overlap, n // 2)
-    if k:
-        edge = (np.arange(k, dtype=np.float32) + 1) / (k + 1)
-        w[:k], w[n - k:] = edge, edge[::-1]
-    return w
-
-
-def _starts(length: int, window: int, stride: int) -> list[int]:
-    if length <= window:
-        return [0]
-    starts = list(range(0, length - window + 1, stride))
-    return starts + ([length - window] if starts[-1] != length - window else [])
-
-
-@torch.inference_mode()
-def probability_map(image: np.ndarray, model, window: int = WINDOW, overlap: int = OVERLAP) -> np.ndarray:
-    """Crack probability per pixel ``(H, W)`` float32 of an ``HxWx3`` uint8 photo, window by window."""
-    h, w = image.shape[:2]
-    acc = np.zeros((h, w), np.float32)
-    weight = np.zeros((h, w), np.float32)
-    mean = np.array(model.pre.mean, np.float32) * 255
-    std = np.array(model.pre.std, np.float32) * 255
-    device = next(model.parameters()).device
-    for y in _starts(h, window, window - overlap):
-        for x in _starts(w, window, window - overlap):
-            tile = image[y:y + window, x:x + window]
-            th, tw = tile.shape[:2]
-            padded = np.pad(tile, ((0, -th % 32), (0, -tw % 32), (0, 0)), mode="reflect")
-            t = torch.from_numpy(((padded.astype(np.float32) - mean) / std).transpose(2, 0, 1).copy())[None]
-            p = model.probabilities(t.to(device))[0, :th, :tw].float().cpu().numpy()
-            ramp = np.outer(_ramp(th, overlap if y else 0) if h > window else np.ones(th, np.float32),
-                            _ramp(tw, overlap if x else 0) if w > window else np.ones(tw, np.float32))
-            ramp = np.maximum(ramp, 1e-3)
-            acc[y:y + th, x:x + tw] += p * ramp
-            weight[y:y + th, x:x + tw] += ramp
-    return acc / weight
-
-
 @dataclass
 class Segmentation:
     photo: str
@@ -143,13 +103,19 @@ class Segmentation:
         return any(c.length_px >= self.min_crack_px for c in self.cracks)
 
 
-def segment(path: str | Path, model, window: int = WINDOW, min_area: int = 0) -> tuple[Segmentation, np.ndarray]:
+def segment(path: str | Path, model, window: int = 512) -> tuple[Segmentation, np.ndarray]:
     """The cleaned crack mask and the measured cracks of one photo (and the decoded photo)."""
     image = decode_image(path)
-    probs = probability_map(image, model, window)
-    mask = clean(probs >= float(model.threshold), min_area or 8)
+    return segment_array(image, model, str(path), window), image
+
+
+def segment_array(image: np.ndarray, model, name: str = "photo", window: int = 512,
+                  should_stop: Callable[[], bool] | None = None) -> Segmentation:
+    """:func:`segment` of a decoded ``HxWx3`` photo (what ``predict.py`` and the server share)."""
+    probs = probability_map(image, model, window, should_stop=should_stop)
+    mask = clean(probs >= float(model.threshold), MIN_AREA)
     min_len = float(model.hparams.get("min_crack_px", 0))
-    return Segmentation(str(path), image.shape[1], image.shape[0], mask, measure(mask), min_len), image
+    return Segmentation(name, image.shape[1], image.shape[0], mask, measure(mask), min_len)
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, max_side: int = 2000) -> np.ndarray:

@@ -10,14 +10,16 @@ chosen on it and stored in every checkpoint.
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from crack_lightning.contract import Preprocessing
+from crack_lightning.errors import Stopped
 from crack_lightning.models.network import HParams
 
 TOLERANCE_PX = 2  # a predicted crack pixel counts if a true one is within 2 px, and vice versa
@@ -180,3 +182,51 @@ class CrackSegmenter(CrackSegNet, L.LightningModule):
             hp.update(pretrained="none", weights_file=None)
         checkpoint["preprocessing"] = self.pre.to_dict()
         checkpoint["task"] = "segment"
+
+
+WINDOW = 512  # pixels per side of a window (a multiple of 32)
+OVERLAP = 64
+
+
+def _ramp(n: int, overlap: int) -> np.ndarray:
+    w = np.ones(n, np.float32)
+    k = min(overlap, n // 2)
+    if k:
+        edge = (np.arange(k, dtype=np.float32) + 1) / (k + 1)
+        w[:k], w[n - k:] = edge, edge[::-1]
+    return w
+
+
+def _starts(length: int, window: int, stride: int) -> list[int]:
+    if length <= window:
+        return [0]
+    starts = list(range(0, length - window + 1, stride))
+    return starts + ([length - window] if starts[-1] != length - window else [])
+
+
+@torch.inference_mode()
+def probability_map(image: np.ndarray, model, window: int = WINDOW, overlap: int = OVERLAP,
+                    should_stop: Callable[[], bool] | None = None) -> np.ndarray:
+    """Crack probability per pixel ``(H, W)`` float32 of an ``HxWx3`` uint8 photo, window by window
+    (``should_stop`` is asked before each: true raises :class:`~crack_lightning.errors.Stopped`)."""
+    h, w = image.shape[:2]
+    acc = np.zeros((h, w), np.float32)
+    weight = np.zeros((h, w), np.float32)
+    mean = np.array(model.pre.mean, np.float32) * 255
+    std = np.array(model.pre.std, np.float32) * 255
+    device = next(model.parameters()).device
+    for y in _starts(h, window, window - overlap):
+        for x in _starts(w, window, window - overlap):
+            if should_stop is not None and should_stop():
+                raise Stopped("segmentation")
+            tile = image[y:y + window, x:x + window]
+            th, tw = tile.shape[:2]
+            padded = np.pad(tile, ((0, -th % 32), (0, -tw % 32), (0, 0)), mode="reflect")
+            t = torch.from_numpy(((padded.astype(np.float32) - mean) / std).transpose(2, 0, 1).copy())[None]
+            p = model.probabilities(t.to(device))[0, :th, :tw].float().cpu().numpy()
+            ramp = np.outer(_ramp(th, overlap if y else 0) if h > window else np.ones(th, np.float32),
+                            _ramp(tw, overlap if x else 0) if w > window else np.ones(tw, np.float32))
+            ramp = np.maximum(ramp, 1e-3)
+            acc[y:y + th, x:x + tw] += p * ramp
+            weight[y:y + th, x:x + tw] += ramp
+    return acc / weight

@@ -26,8 +26,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from crack_lightning.data.images import decode_image
 from crack_lightning.data.tiles import TRAINING_TILE, tile_count
-from crack_lightning.errors import BadImageError
-from crack_lightning.inference.localize import Stopped, heat_layer_png, localize_array
+from crack_lightning.errors import BadImageError, Stopped
+from crack_lightning.inference.localize import heat_layer_png, localize_array
+from crack_lightning.inference.segment import segment_array
 from crack_lightning.limits import (
     MIN_TILE,
     SERVER_MAX_BATCH,
@@ -104,7 +105,7 @@ class ApiKey:
         await self.app(scope, receive, send)
 
 
-def create_app(predictor, *, api_key: str | None = None, max_upload_mb: float = SERVER_MAX_UPLOAD_MB,
+def create_app(predictor, *, segmenter=None, api_key: str | None = None, max_upload_mb: float = SERVER_MAX_UPLOAD_MB,
                max_queue: int = SERVER_MAX_QUEUE, max_batch: int = SERVER_MAX_BATCH, max_pixels: int = SERVER_MAX_PIXELS,
                decode_threads: int = 4, max_localize: int = 2):
     """The FastAPI application around a loaded :class:`~crack_lightning.inference.predictor.Predictor`."""
@@ -192,6 +193,17 @@ def create_app(predictor, *, api_key: str | None = None, max_upload_mb: float = 
                 results.append({"filename": name, "error": prepared[i][1]})
         return {"results": results, "threshold": threshold, "model": model_name}
 
+    async def run_cancellable(request: Request, work):
+        """``work(should_stop)`` on the model thread; a client that leaves, or a stopping server, calls it off."""
+        gone = threading.Event()
+        job = asyncio.get_running_loop().run_in_executor(
+            batcher.model_thread, lambda: work(lambda: gone.is_set() or stopping.is_set()))
+        while not job.done():
+            await asyncio.wait([job], timeout=0.25)
+            if not job.done() and await request.is_disconnected():
+                gone.set()
+        return await job
+
     @app.post("/v1/localize", summary="Crack probability of every tile of one photo (multipart field `file`)")
     async def localize(request: Request, tile: int = TRAINING_TILE, stride: int = 0):
         if not MIN_TILE <= tile <= 4096 or not 0 <= stride <= 4096:
@@ -211,16 +223,9 @@ def create_app(predictor, *, api_key: str | None = None, max_upload_mb: float = 
                 return _error(400, f"tile {tile} / stride {stride or tile // 2} makes {count:,} tiles of this "
                                    f"{image.shape[1]}x{image.shape[0]} photo; at most {SERVER_MAX_TILES:,}: "
                                    "choose a larger stride or tile")
-            gone = threading.Event()
-            work = asyncio.get_running_loop().run_in_executor(
-                batcher.model_thread, lambda: localize_array(image, predictor, tile, stride or None, name,
-                                                             should_stop=lambda: gone.is_set() or stopping.is_set()))
-            while not work.done():  # a client that leaves calls its work off
-                await asyncio.wait([work], timeout=0.25)
-                if not work.done() and await request.is_disconnected():
-                    gone.set()
             try:
-                loc = await work
+                loc = await run_cancellable(request, lambda stop: localize_array(
+                    image, predictor, tile, stride or None, name, should_stop=stop))
             except Stopped:
                 return _error(503, "the server is stopping" if stopping.is_set() else "the client went away")
             png = await decode(loc, heat_layer_png)
@@ -230,6 +235,30 @@ def create_app(predictor, *, api_key: str | None = None, max_upload_mb: float = 
                            "probability": round(t.probability, 6)} for t in loc.tiles],
                 "crack_tiles": len(crack), "crack_fraction": round(loc.crack_fraction(), 6),
                 "heatmap_png": base64.b64encode(png).decode("ascii")}
+
+    @app.post("/v1/segment", summary="Every crack of one photo: mask, length and width (multipart field `file`)")
+    async def segment(request: Request, mm_per_pixel: float | None = None):
+        if segmenter is None:
+            raise HTTPException(404, "this server has no segmentation model (serve.py --segment-checkpoint)")
+        if mm_per_pixel is not None and not 0 < mm_per_pixel < 1e3:
+            raise HTTPException(400, f"mm_per_pixel must be a positive scale, got {mm_per_pixel}")
+        files = await read_files(request, "file")
+        if len(files) != 1:
+            raise HTTPException(400, f"send exactly one photo in the field 'file', got {len(files)}")
+        name, data = files[0]
+        async with localize_slots:
+            image, err = await decode(data, _try(lambda b: decode_image(b, max_pixels)))
+            if err:
+                return _error(422, f"{name}: {err}")
+            try:
+                seg = await run_cancellable(request, lambda stop: segment_array(image, segmenter, name,
+                                                                                 should_stop=stop))
+            except Stopped:
+                return _error(503, "the server is stopping" if stopping.is_set() else "the client went away")
+            png = await decode(seg.mask, mask_png)
+        return {"filename": name, "width": seg.width, "height": seg.height,
+                "threshold": float(segmenter.threshold), "min_crack_px": seg.min_crack_px, "crack": seg.cracked,
+                "cracks": [c.row(mm_per_pixel) for c in seg.cracks], "mask_png": base64.b64encode(png).decode("ascii")}
 
     static = resources.files("crack_lightning.serve") / "static"
 
@@ -242,6 +271,18 @@ def create_app(predictor, *, api_key: str | None = None, max_upload_mb: float = 
     if api_key:
         app.add_middleware(ApiKey, key=api_key)
     return app
+
+
+def mask_png(mask) -> bytes:
+    """A crack mask as an 8-bit PNG (255 = crack), the photo's size."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(mask.astype(np.uint8) * 255).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _try(fn):

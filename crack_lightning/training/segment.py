@@ -104,8 +104,8 @@ def longest_cracks(model, photos: list) -> list[tuple[float, bool]]:
     """For each photo: the longest crack the model finds, and whether its mask shows a crack."""
     from crack_lightning.data.images import decode_image
     from crack_lightning.data.tiles import read_mask
-    from crack_lightning.inference.measure import clean, measure
-    from crack_lightning.inference.segment import probability_map
+    from crack_lightning.measure import clean, measure
+    from crack_lightning.models.segmentation import probability_map
 
     out = []
     model.eval()
