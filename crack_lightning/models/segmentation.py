@@ -108,7 +108,7 @@ def prf(counts: torch.Tensor) -> dict[str, float]:
     return {"precision": precision, "recall": recall, "f1": f1}
 
 
-THRESHOLDS = tuple(round(0.05 * k, 2) for k in range(2, 19))  # 0.10 ... 0.90, chosen on validation
+THRESHOLDS = (0.02, 0.03, 0.05, 0.075, *(round(0.05 * k, 2) for k in range(2, 19)))  # 0.02 ... 0.90: on validation
 
 
 class CrackSegmenter(CrackSegNet, L.LightningModule):
