@@ -66,16 +66,19 @@ def main() -> int:
         if res.returncode != 0:
             raise SystemExit(res.stderr[-2000:])
     results["24mp"] = {"seconds": round(seconds, 1), "peak_rss_mb": round(peak_mb)}
-    r = results["photos_per_s"]
-    md = [f"# Crack segmentation speed ({describe(results['hardware'])})", "",
-          "| photo | ONNX Runtime, photos/s | PyTorch eager, photos/s | ratio |", "|---|---|---|---|"]
-    for size in ("512x512", "4032x3024"):
-        md.append(f"| {size} | {r['onnx'][size]} | {r['torch'][size]} | {r['onnx'][size] / r['torch'][size]:.2f}x |")
-    md += ["", f"`predict.py --segment` on one 6000x4000 (24 MP) photo: {results['24mp']['seconds']} s, "
-               f"peak memory {results['24mp']['peak_rss_mb']} MB (whole process)."]
-    write_results(out, results, "\n".join(md) + "\n")
+    write_results(out, results, table(results))
     return 0
 
+
+def table(results: dict) -> str:
+    r = results["photos_per_s"]
+    rows = [f"| {size} | {r['onnx'][size]} | {r['torch'][size]} | {r['onnx'][size] / r['torch'][size]:.2f}x |"
+            for size in ("512x512", "4032x3024")]
+    big = results["24mp"]
+    return "\n".join([f"# Crack segmentation speed ({describe(results['hardware'])})", "",
+                      "| photo | ONNX Runtime, photos/s | PyTorch eager, photos/s | ratio |", "|---|---|---|---|",
+                      *rows, "", f"`predict.py --segment` on one 6000x4000 (24 MP) photo: {big['seconds']} s, "
+                      f"peak memory {big['peak_rss_mb']} MB (whole process)."]) + "\n"
 
 if __name__ == "__main__":
     sys.exit(main())

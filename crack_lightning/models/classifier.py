@@ -12,12 +12,13 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from crack_lightning.models.components.lightning import TrainedWithLightning
 from crack_lightning.models.metrics import binary_metrics, choose_threshold
 from crack_lightning.models.network import CrackNet
 from crack_lightning.tensor_ops import model_input
 
 
-class CrackClassifier(CrackNet, L.LightningModule):
+class CrackClassifier(TrainedWithLightning, CrackNet, L.LightningModule):
     """timm backbone (pooled features) -> dropout -> Linear(features, 1) (or, with ``head_hidden``, a
     one-hidden-layer MLP).
 
@@ -30,13 +31,7 @@ class CrackClassifier(CrackNet, L.LightningModule):
     frozen stage) go to :meth:`head_logits` alone.
     """
 
-    hparams = L.LightningModule.hparams  # Lightning's own (saved in every checkpoint), not CrackNet's
     backbone_frozen = False
-
-    def _keep_arguments(self, arguments: dict[str, Any]) -> None:
-        self.save_hyperparameters(arguments)
-        self._outputs: dict[str, list[torch.Tensor]] = {}
-        self._results: dict[str, dict[str, Any]] = {}
 
     # ---- structure -------------------------------------------------------------
     def freeze_backbone(self, frozen: bool = True) -> None:
@@ -104,7 +99,7 @@ class CrackClassifier(CrackNet, L.LightningModule):
     # ---- evaluation: collect every probability, gather across ranks, compute once --
     def _collect(self, stage: str, batch) -> None:
         probs = torch.sigmoid(self._logits(batch).float())
-        self._outputs.setdefault(stage, []).append(torch.stack([probs, batch.y.float(), batch.index.float()], 1))
+        self._collected.setdefault(stage, []).append(torch.stack([probs, batch.y.float(), batch.index.float()], 1))
 
     def validation_step(self, batch, batch_idx):
         self._collect("val", batch)
@@ -113,7 +108,7 @@ class CrackClassifier(CrackNet, L.LightningModule):
         self._collect("test", batch)
 
     def _gathered(self, stage: str) -> torch.Tensor:
-        rows = self._outputs.pop(stage, [])
+        rows = self._collected.pop(stage, [])
         local = torch.cat(rows) if rows else torch.zeros(0, 3, device=self.device)
         if self.trainer.world_size > 1:
             local = self.all_gather(local).reshape(-1, 3)
@@ -144,13 +139,3 @@ class CrackClassifier(CrackNet, L.LightningModule):
             self.log(f"{stage}_{k}", float(m[k]), prog_bar=k in ("loss", "acc", "f1"), sync_dist=False,
                      rank_zero_only=False)
 
-    def evaluation(self, stage: str) -> dict[str, Any] | None:
-        """The last ``val``/``test`` epoch's metrics and per-item probabilities (read by
-        :class:`~crack_lightning.training.callbacks.EvaluationResults`)."""
-        return self._results.pop(stage, None)
-
-    def on_validation_epoch_end(self) -> None:
-        self._finish("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._finish("test")

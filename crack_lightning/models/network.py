@@ -52,7 +52,20 @@ class HParams(dict):
             raise AttributeError(name) from None
 
 
-class CrackNet(nn.Module):
+class KeepsArguments:
+    """A network that keeps its constructor's arguments as ``hparams`` (readable as attributes, as
+    Lightning's are); :class:`~crack_lightning.models.components.lightning.TrainedWithLightning` keeps
+    them Lightning's way instead."""
+
+    def _keep_arguments(self, arguments: dict[str, Any]) -> None:
+        self._hparams = HParams(arguments)
+
+    @property
+    def hparams(self) -> HParams:
+        return self._hparams
+
+
+class CrackNet(KeepsArguments, nn.Module):
     """timm backbone (pooled features) -> dropout -> Linear(features, 1) (or, with ``head_hidden``, a
     one-hidden-layer MLP). Images are normalised floats ``(B,3,S,S)``, or uint8 ``(B,H,W,3)`` that
     :meth:`features` finishes on their own device."""
@@ -90,14 +103,6 @@ class CrackNet(nn.Module):
         else:
             self.head = nn.Sequential(nn.Dropout(drop_rate), nn.Linear(width, 1))
         self.register_buffer("threshold", torch.tensor(0.5, dtype=torch.float64))
-
-    def _keep_arguments(self, arguments: dict[str, Any]) -> None:
-        """Keep the constructor's arguments as ``hparams`` (the LightningModule saves them its own way)."""
-        self._hparams = HParams(arguments)
-
-    @property
-    def hparams(self) -> HParams:
-        return self._hparams
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features of images: normalised floats, or uint8 (finished here, on x's device)."""

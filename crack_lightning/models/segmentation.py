@@ -20,7 +20,8 @@ from torch import nn
 
 from crack_lightning.contract import Preprocessing
 from crack_lightning.errors import Stopped
-from crack_lightning.models.network import HParams
+from crack_lightning.models.components.lightning import TrainedWithLightning
+from crack_lightning.models.network import KeepsArguments
 
 TOLERANCE_PX = 2  # a predicted crack pixel counts if a true one is within 2 px, and vice versa
 
@@ -29,7 +30,7 @@ def segnet_arguments() -> set[str]:
     return set(inspect.signature(CrackSegNet.__init__).parameters) - {"self"}
 
 
-class CrackSegNet(nn.Module):
+class CrackSegNet(KeepsArguments, nn.Module):
     """U-Net over a timm encoder (``tu-<encoder>`` in segmentation-models-pytorch), one logit per pixel.
     The encoder starts from ImageNet weights (``pretrained``: the offline Lite0 package or timm's hub),
     or from a crack classifier's backbone (``weights_file``: a crack_lightning model file)."""
@@ -57,13 +58,6 @@ class CrackSegNet(nn.Module):
         config = resolve_data_config({}, model=self.net.encoder.model)
         self.pre = Preprocessing(crop_size, tuple(map(float, config["mean"])), tuple(map(float, config["std"])))
         self.register_buffer("threshold", torch.tensor(0.5, dtype=torch.float64))
-
-    def _keep_arguments(self, arguments: dict[str, Any]) -> None:
-        self._hparams = HParams(arguments)
-
-    @property
-    def hparams(self) -> HParams:
-        return self._hparams
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``(B,1,H,W)`` of normalised images ``(B,3,H,W)``, H and W multiples of 32."""
@@ -111,15 +105,8 @@ def prf(counts: torch.Tensor) -> dict[str, float]:
 THRESHOLDS = (0.02, 0.03, 0.05, 0.075, *(round(0.05 * k, 2) for k in range(2, 19)))  # 0.02 ... 0.90: on validation
 
 
-class CrackSegmenter(CrackSegNet, L.LightningModule):
+class CrackSegmenter(TrainedWithLightning, CrackSegNet, L.LightningModule):
     """:class:`CrackSegNet` with its training (one stage, the whole network) and its evaluation."""
-
-    hparams = L.LightningModule.hparams  # Lightning's own, saved in every checkpoint
-
-    def _keep_arguments(self, arguments: dict[str, Any]) -> None:
-        self.save_hyperparameters(arguments)
-        self._counts: dict[str, torch.Tensor] = {}
-        self._results: dict[str, dict[str, float]] = {}
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -141,7 +128,7 @@ class CrackSegmenter(CrackSegNet, L.LightningModule):
         x, y = batch
         probs = torch.sigmoid(self(x).float()).squeeze(1)
         counts = torch.stack([tolerant_counts(probs, y, t) for t in THRESHOLDS])
-        self._counts[stage] = self._counts.get(stage, 0) + counts
+        self._collected[stage] = self._collected.get(stage, 0) + counts
 
     def validation_step(self, batch, batch_idx):
         self._collect("val", batch)
@@ -150,7 +137,7 @@ class CrackSegmenter(CrackSegNet, L.LightningModule):
         self._collect("test", batch)
 
     def _finish(self, stage: str) -> None:
-        counts = self._counts.pop(stage, None)
+        counts = self._collected.pop(stage, None)
         if counts is None or self.trainer.sanity_checking:
             return
         if self.trainer.world_size > 1:
@@ -163,17 +150,6 @@ class CrackSegmenter(CrackSegNet, L.LightningModule):
         self._results[stage] = result
         for k, v in result.items():
             self.log(f"{stage}_{k}", v, prog_bar=k == "f1", sync_dist=False)
-
-    def evaluation(self, stage: str) -> dict[str, float] | None:
-        """The last ``val``/``test`` epoch's pixel scores (read by
-        :class:`~crack_lightning.training.callbacks.EvaluationResults`)."""
-        return self._results.pop(stage, None)
-
-    def on_validation_epoch_end(self) -> None:
-        self._finish("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._finish("test")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         hp = checkpoint.get("hyper_parameters")
