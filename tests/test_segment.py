@@ -182,3 +182,64 @@ def test_the_server_segments_a_photo_and_bounds_it(seg_run, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_the_page_shows_the_crack_map_and_a_sortable_crack_table(seg_run, tmp_path):
+    """In a real browser: drop a photo, open it, give a scale: the crack pixels are painted over it as the
+    API's mask says, and the table lists every crack with its severity, sorted by width on a click."""
+    import base64
+
+    import httpx
+    from conftest import start_server
+    from playwright.sync_api import sync_playwright
+    from test_server import chromium
+
+    tmp, run = seg_run
+    photo = sorted((tmp / "walls" / "images").glob("*.jpg"))[1]
+    proc, url = start_server("--segment-checkpoint", str(run / "model.pt"))
+    try:
+        api = httpx.post(url + "/v1/segment?mm_per_pixel=0.05", files={"file": (photo.name, photo.read_bytes())},
+                         timeout=120).json()
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=chromium(), args=[
+                "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+            page = browser.new_page(viewport={"width": 1100, "height": 900})
+            page.goto(url + "/")
+            page.wait_for_function("document.getElementById('model').textContent.startsWith('model ')")
+            page.evaluate("""(f) => {
+                const dt = new DataTransfer();
+                const bytes = Uint8Array.from(atob(f.b64), (c) => c.charCodeAt(0));
+                dt.items.add(new File([bytes], f.name, {type: 'image/jpeg'}));
+                document.getElementById('drop').dispatchEvent(new DragEvent('drop', {dataTransfer: dt, bubbles: true}));
+            }""", {"name": photo.name, "b64": base64.b64encode(photo.read_bytes()).decode()})
+            page.wait_for_function("document.querySelectorAll('#results tbody tr:not(.pending)').length === 1")
+            page.click("#results tbody tr:first-child")
+            page.wait_for_function("document.getElementById('crack-status').textContent.includes('traced')",
+                                   timeout=60_000)
+            page.fill("#scale", "0.05")  # now in millimetres, with a severity per crack
+            page.evaluate("document.getElementById('crack-status').textContent = ''")
+            page.click("#measure")
+            page.wait_for_function("document.getElementById('crack-status').textContent.includes('traced')",
+                                   timeout=60_000)
+            assert page.locator("#crack-table tbody tr").count() == len(api["cracks"])
+            if api["cracks"]:
+                assert page.text_content("#crack-table tbody tr:first-child td:nth-child(3)").endswith(" mm")
+            page.click("#crack-table th[data-key=max_width]")
+            widths = page.eval_on_selector_all("#crack-table tbody tr", "trs => trs.map(tr => parseFloat(tr.cells[2].textContent))")
+            assert widths == sorted(widths, reverse=True)
+            classes = page.eval_on_selector_all("#crack-table tbody td:nth-child(5)", "tds => tds.map(td => td.className)")
+            assert set(classes) <= {"hairline", "fine", "wide"}
+            page.wait_for_timeout(300)  # the mask image decodes, then is painted
+            painted = page.evaluate("""() => { const c = document.getElementById('cracks');
+                const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let n = 0;
+                for (let i = 3; i < d.length; i += 4) n += d[i] > 0; return [c.width, c.height, n]; }""")
+            import io
+
+            mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(api["mask_png"])))) > 127
+            assert painted == [api["width"], api["height"], int(mask.sum())]
+            page.screenshot(path=str(tmp_path / "crack_map.png"))
+            browser.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

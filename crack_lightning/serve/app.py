@@ -170,7 +170,8 @@ def create_app(predictor, *, segmenter=None, api_key: str | None = None, max_upl
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
         return {"status": "ok", "model": model_name, "threshold": threshold, "class_names": names,
-                "queue": batcher.waiting, "batches": batcher.batches, "images": batcher.images}
+                "queue": batcher.waiting, "batches": batcher.batches, "images": batcher.images,
+                "segment": segmenter is not None}
 
     @app.post("/v1/predict", summary="Crack probability of each uploaded image (multipart field `files`)")
     async def predict(request: Request):

@@ -9,6 +9,9 @@ let running = 0;
 let threshold = null;
 let crackLabel = "Positive";
 let apiKey = sessionStorage.getItem("crack_api_key") || "";
+let segmentation = false;     // the server has a crack-map model (POST /v1/segment)
+let cracks = [];              // the open photo's cracks, as /v1/segment answered
+let sortKey = "max_width";
 
 const $ = (id) => document.getElementById(id);
 
@@ -25,6 +28,7 @@ async function health() {
   }
   const h = await r.json();
   threshold = h.threshold;
+  segmentation = Boolean(h.segment);
   crackLabel = h.class_names ? h.class_names[1] : crackLabel;
   $("key-box").hidden = true;
   $("model").textContent = `model ${h.model}, crack when probability ≥ ${h.threshold.toFixed(3)}`;
@@ -105,8 +109,14 @@ async function classify(entry, attempt = 0) {
   }
 }
 
+let viewing = null;  // the entry the viewer shows
+
 async function openViewer(entry) {
   if (entry.error) return;
+  viewing = entry;
+  $("crack-map").hidden = true;
+  const canvas = $("cracks");
+  canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
   $("viewer").hidden = false;
   $("viewer-title").textContent = entry.name;
   $("viewer-status").textContent = "finding the cracks…";
@@ -132,6 +142,60 @@ async function openViewer(entry) {
   }
   $("viewer-status").textContent = `${loc.crack_tiles} of ${loc.tiles.length} tiles show a crack ` +
     `(${(100 * loc.crack_fraction).toFixed(1)}% of the surface; outlined in yellow)`;
+  if (segmentation) await crackMap(entry);
+}
+
+// The crack map: every crack pixel in magenta over the photo, and a table of the cracks (sortable)
+async function crackMap(entry) {
+  $("crack-map").hidden = false;
+  $("crack-status").textContent = "tracing each crack…";
+  const body = new FormData();
+  body.append("file", entry.file, entry.name);
+  const scale = parseFloat($("scale").value);
+  const query = scale > 0 ? `?mm_per_pixel=${scale}` : "";
+  const r = await fetch(`/v1/segment${query}`, { method: "POST", body, headers: headers() });
+  const seg = await r.json();
+  if (!r.ok) {
+    $("crack-status").textContent = `error: ${seg.error}`;
+    return;
+  }
+  const mask = new Image();
+  mask.onload = () => {
+    const canvas = $("cracks");
+    canvas.width = seg.width;
+    canvas.height = seg.height;
+    const ctx = canvas.getContext("2d");
+    ctx.drawImage(mask, 0, 0);
+    const px = ctx.getImageData(0, 0, seg.width, seg.height);
+    for (let i = 0; i < px.data.length; i += 4) {  // crack pixels solid magenta, the rest untouched
+      const on = px.data[i] > 127;
+      px.data[i] = 255; px.data[i + 1] = 0; px.data[i + 2] = 255; px.data[i + 3] = on ? 255 : 0;
+    }
+    ctx.putImageData(px, 0, 0);
+  };
+  mask.src = `data:image/png;base64,${seg.mask_png}`;
+  const mm = scale > 0;
+  cracks = seg.cracks.map((c) => ({
+    id: c.id, length: mm ? c.length_mm : c.length_px, max_width: mm ? c.max_width_mm : c.max_width_px,
+    mean_width: mm ? c.mean_width_mm : c.mean_width_px, severity: c.severity || "", unit: mm ? "mm" : "px",
+  }));
+  $("crack-status").textContent = `${seg.cracks.length} crack(s) traced; ` +
+    (seg.crack ? "this photo shows a crack" : `none long enough to count (${seg.min_crack_px} px)`) +
+    " (magenta on the photo)";
+  renderCracks();
+}
+
+function renderCracks() {
+  const body = $("crack-table").tBodies[0];
+  body.innerHTML = "";
+  const sorted = [...cracks].sort((a, b) => (sortKey === "id" ? a.id - b.id : (b[sortKey] > a[sortKey] ? 1 : -1)));
+  for (const c of sorted) {
+    const tr = body.insertRow();
+    const fmt = (v) => `${Number(v).toFixed(c.unit === "mm" ? 3 : 1)} ${c.unit}`;
+    for (const v of [c.id, fmt(c.length), fmt(c.max_width), fmt(c.mean_width), c.severity]) tr.insertCell().textContent = v;
+    tr.cells[4].className = c.severity;
+  }
+  for (const th of $("crack-table").tHead.rows[0].cells) th.classList.toggle("sorted", th.dataset.key === sortKey);
 }
 
 function download(name, type, text) {
@@ -166,6 +230,10 @@ $("clear").addEventListener("click", () => {
   progress();
 });
 $("close").addEventListener("click", () => { $("viewer").hidden = true; });
+for (const th of $("crack-table").tHead.rows[0].cells) {
+  th.addEventListener("click", () => { sortKey = th.dataset.key; renderCracks(); });
+}
+$("measure").addEventListener("click", () => { if (viewing) crackMap(viewing); });
 $("viewer").addEventListener("click", (ev) => { if (ev.target === $("viewer")) $("viewer").hidden = true; });
 document.addEventListener("keydown", (ev) => { if (ev.key === "Escape") $("viewer").hidden = true; });
 $("key-save").addEventListener("click", () => {
