@@ -222,9 +222,8 @@ def test_the_page_shows_the_crack_map_and_a_sortable_crack_table(seg_run, tmp_pa
             page.click("#measure")
             page.wait_for_function("document.getElementById('crack-status').textContent.includes('traced')",
                                    timeout=60_000)
-            assert page.locator("#crack-table tbody tr").count() == len(api["cracks"])
-            if api["cracks"]:
-                assert page.text_content("#crack-table tbody tr:first-child td:nth-child(3)").endswith(" mm")
+            assert page.locator("#crack-table tbody tr").count() == len(api["cracks"]) >= 2  # a sort to check
+            assert page.text_content("#crack-table tbody tr:first-child td:nth-child(3)").endswith(" mm")
             page.click("#crack-table th[data-key=max_width]")
             widths = page.eval_on_selector_all("#crack-table tbody tr", "trs => trs.map(tr => parseFloat(tr.cells[2].textContent))")
             assert widths == sorted(widths, reverse=True)
