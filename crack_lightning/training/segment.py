@@ -119,18 +119,26 @@ def longest_cracks(model, photos: list) -> list[tuple[float, bool]]:
 
 def photo_decision(model, splits: dict[str, list]) -> dict:
     """The photo-level answer (a crack at least ``min_crack_px`` long): the length chosen on the validation
-    photos (best accuracy, the shorter on a tie), then scored on the test photos, crack-free ones apart."""
+    photos by balanced accuracy (recall on cracked photos and on crack-free ones weigh alike: most photos
+    show cracks, and plain accuracy would trade every false alarm away), the shorter on a tie; then scored
+    on the test photos, crack-free ones apart."""
     val = longest_cracks(model, splits["val"])
-    candidates = sorted({0.0, *(length for length, _ in val)})
-    def accuracy(cut: float, pairs) -> float:
-        return sum((length >= cut) == truth for length, truth in pairs) / max(len(pairs), 1)
-    cut = max(candidates, key=lambda c: (accuracy(c, val), -c)) if val else 40.0
-    cut = float(max(cut, 1.0))
+
+    def balanced(cut: float, pairs) -> float:
+        hits = [length >= cut for length, truth in pairs if truth]
+        quiet = [length < cut for length, truth in pairs if not truth]
+        parts = [sum(x) / len(x) for x in (hits, quiet) if x]
+        return sum(parts) / max(len(parts), 1)
+
+    candidates = sorted({1.0, *(length + 0.5 for length, _ in val)})
+    cut = max(candidates, key=lambda c: (balanced(c, val), -c)) if val else 40.0
     test = longest_cracks(model, splits["test"])
     clear = [length for length, truth in test if not truth]
     cracked = [length for length, truth in test if truth]
-    return {"min_crack_px": round(cut, 1), "val_accuracy": round(accuracy(cut, val), 4),
-            "test_accuracy": round(accuracy(cut, test), 4), "test_photos": len(test),
-            "test_recall": round(sum(x >= cut for x in cracked) / max(len(cracked), 1), 4),
+    accuracy = sum((length >= cut) == truth for length, truth in test) / max(len(test), 1)
+    return {"min_crack_px": round(cut, 1), "val_balanced_accuracy": round(balanced(cut, val), 4),
+            "val_photos": len(val), "val_crack_free": sum(not t for _, t in val),
+            "test_accuracy": round(accuracy, 4), "test_balanced_accuracy": round(balanced(cut, test), 4),
+            "test_photos": len(test), "test_recall": round(sum(x >= cut for x in cracked) / max(len(cracked), 1), 4),
             "test_crack_free": len(clear),
             "test_false_alarms": round(sum(x >= cut for x in clear) / max(len(clear), 1), 4)}
