@@ -280,15 +280,15 @@ def test_work_is_called_off_when_its_client_leaves_and_sigterm_stops_the_server(
     files = [("file", ("wall.png", photo.read_bytes(), "image/png"))]
     proc, url = start_server()
     try:
-        with pytest.raises(httpx.TimeoutException):  # ~5,000 tiles: minutes of work, the client leaves after 3 s
-            httpx.post(url + "/v1/localize?tile=64&stride=16", files=files, timeout=3)
+        with pytest.raises(httpx.TimeoutException):  # ~5,000 tiles: minutes of work, the client leaves after 2 s
+            httpx.post(url + "/v1/localize?tile=64&stride=16", files=files, timeout=2)
         t0 = time.perf_counter()
         r = httpx.post(url + "/v1/predict", files=multipart(POSITIVES[:1]), timeout=60)
         assert r.status_code == 200 and time.perf_counter() - t0 < 15
         client = subprocess.Popen([sys.executable, "-c", "import httpx, sys; httpx.post(sys.argv[1], files="
                                    "{'file': open(sys.argv[2], 'rb')}, timeout=600)",
                                    url + "/v1/localize?tile=64&stride=16", str(photo)])
-        time.sleep(3)  # the work is running
+        time.sleep(2)  # the work is running
         t0 = time.perf_counter()
         proc.terminate()
         proc.wait(timeout=20)

@@ -130,7 +130,7 @@ def photo_decision(model, splits: dict[str, list]) -> dict:
         parts = [sum(x) / len(x) for x in (hits, quiet) if x]
         return sum(parts) / max(len(parts), 1)
 
-    candidates = sorted({1.0, *(length + 0.5 for length, _ in val)})
+    candidates = sorted({1.0, *(max(1.0, length + 0.5) for length, _ in val)})
     cut = max(candidates, key=lambda c: (balanced(c, val), -c)) if val else 40.0
     test = longest_cracks(model, splits["test"])
     clear = [length for length, truth in test if not truth]
