@@ -24,7 +24,7 @@ SERVER_MAX_PIXELS = 60_000_000  # one image of a request: a 12 MP photo is 12,00
 SERVER_MAX_QUEUE = 512  # images waiting for the model across all requests
 SERVER_MAX_BATCH = 32  # images the model runs at once
 SERVER_MAX_TILES = 20_000  # tiles of one /v1/localize request (a 12 MP photo at 227 px, 50 % overlap: ~1,000)
-SERVER_SHUTDOWN_S = 5  # seconds a stopping server (SIGTERM, Ctrl+C) gives open requests
+SERVER_SHUTDOWN_S = 3  # seconds a stopping server (SIGTERM, Ctrl+C) gives open requests before calling them off
 
 
 def in_range(value: object, bounds: tuple[int, int]) -> bool:

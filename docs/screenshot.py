@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Make docs/server_page.png: the page after dropping sample patches, with one photo opened in the viewer.
+"""Make docs/server_page.png: the page after dropping sample patches, with one photo opened in the viewer
+(its crack tiles, its crack map and the table of its cracks in mm).
 
     python docs/screenshot.py          # needs Debian's chromium (apt-get install chromium)
 
@@ -47,7 +48,7 @@ def main() -> int:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=shutil.which("chromium"), args=[
                 "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"])
-            page = browser.new_page(viewport={"width": 1100, "height": 900})
+            page = browser.new_page(viewport={"width": 1100, "height": 1300})
             page.goto(url + "/")
             page.evaluate("""(files) => {
                 const dt = new DataTransfer();
@@ -58,6 +59,13 @@ def main() -> int:
             page.wait_for_function(f"document.querySelectorAll('#results tbody tr:not(.pending)').length === {len(payload)}")
             page.click("#results tbody tr:last-child")
             page.wait_for_function("document.getElementById('viewer-status').textContent.includes('tiles')")
+            traced = "document.getElementById('crack-status').textContent.includes('traced')"
+            page.wait_for_function(traced, timeout=120_000)
+            page.fill("#scale", "0.1")
+            page.evaluate("document.getElementById('crack-status').textContent = ''")
+            page.click("#measure")
+            page.wait_for_function(traced, timeout=120_000)
+            page.click("#crack-table th[data-key=max_width]")
             page.wait_for_timeout(300)
             out = ROOT / "docs" / "server_page.png"
             page.screenshot(path=str(out))

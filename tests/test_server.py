@@ -25,7 +25,7 @@ NEGATIVES = sorted((SAMPLE / "Negative").glob("*.jpg"))[:3]
 @pytest.fixture(scope="module")
 def server():
     """One server for the module: API key required, 2 MB uploads, 8 images queued at most."""
-    proc, url = start_server("--api-key", KEY, "--max-upload-mb", "2", "--max-queue", "8")
+    proc, url = start_server("--api-key", KEY, "--max-upload-mb", "2", "--max-queue", "8", "--segment-checkpoint", "none")
     yield url
     proc.terminate()
     proc.wait(timeout=30)
@@ -278,7 +278,7 @@ def test_work_is_called_off_when_its_client_leaves_and_sigterm_stops_the_server(
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(100, 160, (1200, 1200, 3), dtype=np.uint8)).save(photo)
     files = [("file", ("wall.png", photo.read_bytes(), "image/png"))]
-    proc, url = start_server()
+    proc, url = start_server("--segment-checkpoint", "none")
     try:
         with pytest.raises(httpx.TimeoutException):  # ~5,000 tiles: minutes of work, the client leaves after 2 s
             httpx.post(url + "/v1/localize?tile=64&stride=16", files=files, timeout=2)
