@@ -10,7 +10,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import ROOT, make_folder, run_cli
+from conftest import ROOT, make_folder, run_cli, run_main
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from crack_lightning.config.schema import DataConfig
@@ -68,10 +68,10 @@ def test_weights_file_run_needs_the_file_only_to_start(tmp_path):
     weights = tmp_path / "mnv3.pth"
     torch.save(timm.create_model("mobilenetv3_large_100").state_dict(), weights)
     data = make_folder(tmp_path / "data", n_per_class=6, size=40)
-    res = run_cli("train.py", "--config", "configs/base.yaml", "--model.weights_file", str(weights),
-                  "--data.root", str(data), "--trainer.max_epochs", "1", "--model.image_size", "32",
-                  "--data.num_workers", "0", "--data.batch_size", "8", "--output_dir", str(tmp_path / "runs"),
-                  "--run_name", "mnv3", "--trainer.enable_progress_bar", "false")
+    res = run_main("train.py", "--config", "configs/base.yaml", "--model.weights_file", str(weights),
+                   "--data.root", str(data), "--trainer.max_epochs", "1", "--model.image_size", "32",
+                   "--data.num_workers", "0", "--data.batch_size", "8", "--output_dir", str(tmp_path / "runs"),
+                   "--run_name", "mnv3", "--trainer.enable_progress_bar", "false")
     assert res.returncode == 0, res.stderr[-3000:]
     weights.unlink()
     run = tmp_path / "runs" / "mnv3"
@@ -80,7 +80,7 @@ def test_weights_file_run_needs_the_file_only_to_start(tmp_path):
     model = CrackClassifier.load_from_checkpoint(run / "checkpoints/frozen/best.ckpt", map_location="cpu")
     assert model.hparams.backbone == "mobilenetv3_large_100"
     out = tmp_path / "preds.csv"
-    res = run_cli("predict.py", "--checkpoint", str(run / "model.pt"), str(data), "--output", str(out))
+    res = run_main("predict.py", "--checkpoint", str(run / "model.pt"), str(data), "--output", str(out))
     assert res.returncode == 0, res.stderr[-2000:]
     assert len(out.read_text().splitlines()) == 1 + 12
 

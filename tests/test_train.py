@@ -36,11 +36,11 @@ def test_quickstart_run_writes_everything(trained_run):
 
 def test_frozen_then_finetune_changes_backbone(tmp_path):
     data = make_folder(tmp_path / "data", n_per_class=8)
-    res = run_cli("train.py", "--config", "configs/quickstart.yaml", "--data.root", str(data), "--output_dir",
-                  str(tmp_path / "runs"), "--run_name", "two", "--train.frozen.epochs", "2",
-                  "--train.finetune.epochs", "2", "--trainer.max_epochs", "3", "--train.cache_features", "false",
-                  "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
-                  "--trainer.logger.save_dir", str(tmp_path / "extra"), *TINY)
+    res = run_main("train.py", "--config", "configs/quickstart.yaml", "--data.root", str(data), "--output_dir",
+                   str(tmp_path / "runs"), "--run_name", "two", "--train.frozen.epochs", "2",
+                   "--train.finetune.epochs", "2", "--trainer.max_epochs", "3", "--train.cache_features", "false",
+                   "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
+                   "--trainer.logger.save_dir", str(tmp_path / "extra"), *TINY)
     assert res.returncode == 0, res.stderr[-2000:]
     # a Trainer argument of the user's reaches Lightning: their logger writes beside the run's history
     assert list((tmp_path / "extra").rglob("metrics.csv")) and (tmp_path / "runs/two/logs/frozen/metrics.csv").is_file()
@@ -173,9 +173,9 @@ def test_weights_unavailable_stops_with_one_line(tmp_path):
 
 def test_augmented_feature_views_multiply_training_set(tmp_path):
     data = make_folder(tmp_path / "data", n_per_class=8)
-    res = run_cli("train.py", "--config", "configs/robust.yaml", "--data.root", str(data), "--output_dir",
-                  str(tmp_path / "runs"), "--run_name", "views", "--train.frozen.epochs", "2",
-                  "--train.feature_views", "2", *TINY)
+    res = run_main("train.py", "--config", "configs/robust.yaml", "--data.root", str(data), "--output_dir",
+                   str(tmp_path / "runs"), "--run_name", "views", "--train.frozen.epochs", "2",
+                   "--train.feature_views", "2", *TINY)
     assert res.returncode == 0, res.stderr[-2000:]
     last = torch.load(tmp_path / "runs/views/checkpoints/frozen/last.ckpt", weights_only=True)
     # 8 training images (16 * 0.5), clean + 2 augmented views = 24 feature rows, batch 8 -> 3 steps per epoch
