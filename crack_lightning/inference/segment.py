@@ -22,7 +22,7 @@ from crack_lightning.errors import CheckpointError
 from crack_lightning.files import PNG_METADATA, atomic_write, csv_path, csv_text
 from crack_lightning.inference.outputs import CRACKS_CSV_HEADER, SEGMENT_SUMMARY_FIELDS
 from crack_lightning.measure import SEVERITY_MM, Crack, clean, measure
-from crack_lightning.models.segmentation import probability_map
+from crack_lightning.models.segmentation import WINDOW, probability_map
 
 MIN_AREA = 8  # crack-map components smaller than this many pixels are specks, not cracks
 
@@ -54,9 +54,6 @@ class OnnxSegmenter:
         data = cached_export(file_key(path, "segment", 64), lambda: exported(_Probabilities(model.net).eval(), 64,
                                                                              dense=True))
         self.session = session(data)
-
-    def parameters(self):
-        yield torch.zeros(0)  # on the CPU
 
     def probabilities(self, x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.session.run(None, {"image": x.float().contiguous().numpy()})[0])
@@ -103,13 +100,13 @@ class Segmentation:
         return any(c.length_px >= self.min_crack_px for c in self.cracks)
 
 
-def segment(path: str | Path, model, window: int = 512) -> tuple[Segmentation, np.ndarray]:
+def segment(path: str | Path, model, window: int = WINDOW) -> tuple[Segmentation, np.ndarray]:
     """The cleaned crack mask and the measured cracks of one photo (and the decoded photo)."""
     image = decode_image(path)
     return segment_array(image, model, str(path), window), image
 
 
-def segment_array(image: np.ndarray, model, name: str = "photo", window: int = 512,
+def segment_array(image: np.ndarray, model, name: str = "photo", window: int = WINDOW,
                   should_stop: Callable[[], bool] | None = None) -> Segmentation:
     """:func:`segment` of a decoded ``HxWx3`` photo (what ``predict.py`` and the server share)."""
     probs = probability_map(image, model, window, should_stop=should_stop)

@@ -190,7 +190,7 @@ def probability_map(image: np.ndarray, model, window: int = WINDOW, overlap: int
     weight = np.zeros((h, w), np.float32)
     mean = np.array(model.pre.mean, np.float32) * 255
     std = np.array(model.pre.std, np.float32) * 255
-    device = next(model.parameters()).device
+    device = next(model.parameters()).device if isinstance(model, nn.Module) else torch.device("cpu")  # ONNX: CPU
     for y in _starts(h, window, window - overlap):
         for x in _starts(w, window, window - overlap):
             if should_stop is not None and should_stop():

@@ -205,36 +205,52 @@ def create_app(predictor, *, segmenter=None, api_key: str | None = None, max_upl
                 gone.set()
         return await job
 
-    @app.post("/v1/localize", summary="Crack probability of every tile of one photo (multipart field `file`)")
-    async def localize(request: Request, tile: int = TRAINING_TILE, stride: int = 0):
-        if not MIN_TILE <= tile <= 4096 or not 0 <= stride <= 4096:
-            raise HTTPException(400, f"tile must be {MIN_TILE}-4096 and stride 0-4096 (0: half the tile)")
+    async def on_one_photo(request: Request, run, check=None):
+        """The request's one photo (field ``file``), decoded within the slots for whole-photo work, then
+        ``run(image, name, should_stop)`` on the model thread, called off when the client leaves or the
+        server stops. ``check(image)``: an error response that refuses the work before it starts. Returns
+        ``(name, result)``, or ``(name, error response)``."""
         files = await read_files(request, "file")
         if len(files) != 1:
             raise HTTPException(400, f"send exactly one photo in the field 'file', got {len(files)}")
         name, data = files[0]
         if localize_slots.locked() and batcher.waiting >= batcher.max_queue:  # both saturated: shed load
-            return _error(503, "server busy; retry shortly", {"Retry-After": "5"})
+            return name, _error(503, "server busy; retry shortly", {"Retry-After": "5"})
         async with localize_slots:
             image, err = await decode(data, _try(lambda b: decode_image(b, max_pixels)))
             if err:
-                return _error(422, f"{name}: {err}")
-            count = tile_count(image.shape[1], image.shape[0], tile, stride or tile // 2)
-            if count > SERVER_MAX_TILES:  # the work is bounded before it starts
-                return _error(400, f"tile {tile} / stride {stride or tile // 2} makes {count:,} tiles of this "
+                return name, _error(422, f"{name}: {err}")
+            refused = check(image) if check else None
+            if refused is not None:
+                return name, refused
+            try:
+                return name, await run_cancellable(request, lambda stop: run(image, name, stop))
+            except Stopped:
+                return name, _error(503, "the server is stopping" if stopping.is_set() else "the client went away")
+
+    @app.post("/v1/localize", summary="Crack probability of every tile of one photo (multipart field `file`)")
+    async def localize(request: Request, tile: int = TRAINING_TILE, stride: int = 0):
+        if not MIN_TILE <= tile <= 4096 or not 0 <= stride <= 4096:
+            raise HTTPException(400, f"tile must be {MIN_TILE}-4096 and stride 0-4096 (0: half the tile)")
+        step = stride or tile // 2
+
+        def bounded(image):  # the work is bounded before it starts
+            count = tile_count(image.shape[1], image.shape[0], tile, step)
+            if count > SERVER_MAX_TILES:
+                return _error(400, f"tile {tile} / stride {step} makes {count:,} tiles of this "
                                    f"{image.shape[1]}x{image.shape[0]} photo; at most {SERVER_MAX_TILES:,}: "
                                    "choose a larger stride or tile")
-            try:
-                loc = await run_cancellable(request, lambda stop: localize_array(
-                    image, predictor, tile, stride or None, name, should_stop=stop))
-            except Stopped:
-                return _error(503, "the server is stopping" if stopping.is_set() else "the client went away")
-            png = await decode(loc, heat_layer_png)
-        crack = loc.crack_tiles
+            return None
+
+        name, loc = await on_one_photo(request, lambda image, name, stop: localize_array(
+            image, predictor, tile, stride or None, name, should_stop=stop), bounded)
+        if isinstance(loc, JSONResponse):
+            return loc
+        png = await decode(loc, heat_layer_png)
         return {"filename": name, "width": loc.width, "height": loc.height, "threshold": threshold,
                 "tiles": [{"x": t.x, "y": t.y, "width": t.width, "height": t.height,
                            "probability": round(t.probability, 6)} for t in loc.tiles],
-                "crack_tiles": len(crack), "crack_fraction": round(loc.crack_fraction(), 6),
+                "crack_tiles": len(loc.crack_tiles), "crack_fraction": round(loc.crack_fraction(), 6),
                 "heatmap_png": base64.b64encode(png).decode("ascii")}
 
     @app.post("/v1/segment", summary="Every crack of one photo: mask, length and width (multipart field `file`)")
@@ -243,20 +259,11 @@ def create_app(predictor, *, segmenter=None, api_key: str | None = None, max_upl
             raise HTTPException(404, "this server has no segmentation model (serve.py --segment-checkpoint)")
         if mm_per_pixel is not None and not 0 < mm_per_pixel < 1e3:
             raise HTTPException(400, f"mm_per_pixel must be a positive scale, got {mm_per_pixel}")
-        files = await read_files(request, "file")
-        if len(files) != 1:
-            raise HTTPException(400, f"send exactly one photo in the field 'file', got {len(files)}")
-        name, data = files[0]
-        async with localize_slots:
-            image, err = await decode(data, _try(lambda b: decode_image(b, max_pixels)))
-            if err:
-                return _error(422, f"{name}: {err}")
-            try:
-                seg = await run_cancellable(request, lambda stop: segment_array(image, segmenter, name,
-                                                                                 should_stop=stop))
-            except Stopped:
-                return _error(503, "the server is stopping" if stopping.is_set() else "the client went away")
-            png = await decode(seg.mask, mask_png)
+        name, seg = await on_one_photo(request, lambda image, name, stop: segment_array(
+            image, segmenter, name, should_stop=stop))
+        if isinstance(seg, JSONResponse):
+            return seg
+        png = await decode(seg.mask, mask_png)
         return {"filename": name, "width": seg.width, "height": seg.height,
                 "threshold": float(segmenter.threshold), "min_crack_px": seg.min_crack_px, "crack": seg.cracked,
                 "cracks": [c.row(mm_per_pixel) for c in seg.cracks], "mask_png": base64.b64encode(png).decode("ascii")}
