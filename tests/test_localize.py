@@ -42,7 +42,7 @@ def mosaic(trained_run, tmp_path_factory):
 def test_crack_tiles_land_on_crack_patches(trained_run, mosaic, tmp_path):
     path, pattern = mosaic
     res = run_main("predict.py", "--checkpoint", str(trained_run / "model.pt"), "--localize", str(path),
-                  "--stride", "227", "--output", str(tmp_path / "loc"))
+                  "--tile", "227", "--stride", "227", "--output", str(tmp_path / "loc"))
     assert res.returncode == 0, res.stderr
     with open(tmp_path / "loc" / "wall_tiles.csv") as f:
         tiles = list(csv.DictReader(f))
@@ -69,7 +69,7 @@ def test_overlapping_default_stride_and_rotated_jpeg(trained_run, mosaic, tmp_pa
     jpg = tmp_path / "site.jpg"
     sideways.save(jpg, quality=98, exif=exif)
     res = run_main("predict.py", "--checkpoint", str(trained_run / "model.pt"), "--localize", str(jpg),
-                  "--output", str(tmp_path / "loc"))
+                  "--tile", "227", "--output", str(tmp_path / "loc"))
     assert res.returncode == 0, res.stderr
     summary = next(csv.DictReader(open(tmp_path / "loc" / "summary.csv")))
     assert (int(summary["width"]), int(summary["height"])) == (4 * 227, 3 * 227)
@@ -82,6 +82,42 @@ def test_overlapping_default_stride_and_rotated_jpeg(trained_run, mosaic, tmp_pa
     agree = sum((float(t["probability"]) >= thr) == bool(pattern[int(t["y"]) // 227, int(t["x"]) // 227])
                 for t in on_grid)
     assert agree >= len(on_grid) - 1
+
+
+def test_a_photo_has_one_answer_everywhere(trained_run, mosaic, tmp_path):
+    """predict.py answers a photo from the same tiles --localize shows: same label, same probability (the
+    highest tile), and the heatmap tints only flagged tiles; a patch is still answered whole."""
+    path, pattern = mosaic
+    patch = sorted((SAMPLE / "Negative").glob("*.jpg"))[0]
+    model = str(trained_run / "model.pt")
+    assert run_main("predict.py", "--model", model, str(path), str(patch), "--output",
+                    str(tmp_path / "p.csv")).returncode == 0
+    rows = {r["path"]: r for r in csv.DictReader(open(tmp_path / "p.csv"))}
+    assert run_main("predict.py", "--model", model, "--localize", str(path), "--output",
+                    str(tmp_path / "loc")).returncode == 0
+    summary = next(csv.DictReader(open(tmp_path / "loc" / "summary.csv")))
+    tiles = list(csv.DictReader(open(tmp_path / "loc" / "wall_tiles.csv")))
+    assert {int(t["width"]) for t in tiles} == {224, 112}  # a photo's own tiles, both sides
+    best = max(tiles, key=lambda t: float(t["probability"]))
+    assert summary["probability"] == rows[str(path)]["probability"] == best["probability"]
+    assert summary["label"] == rows[str(path)]["label"] == "Positive"  # five crack patches in it
+    whole = Predictor(model, num_workers=0)
+    p = float(whole.probabilities(preprocess_batch([decode_image(patch)], whole.pre))[0])
+    assert float(rows[str(patch)]["probability"]) == pytest.approx(p, abs=1e-5)  # a patch: whole, not tiled
+    assert 0.0 < float(summary["crack_fraction"]) < 1.0
+
+
+def test_heat_veil_tints_only_flagged_tiles():
+    from crack_lightning.data.tiles import Tile
+    from crack_lightning.inference.localize import Localization, veil
+
+    loc = Localization("p", 200, 100, [Tile(0, 0, 100, 100, 0.9), Tile(50, 0, 100, 100, 0.2),
+                                       Tile(100, 0, 100, 100, 0.1)], threshold=0.5)
+    heat = loc.heat(1)[:100, :200]
+    assert heat[50, 75] == pytest.approx(0.9)  # the highest tile over a pixel, not the mean
+    alpha = veil(heat, loc.threshold)[..., 3]
+    assert (alpha[:, :100] > 0).all() and (alpha[:, 100:] == 0).all()  # only the flagged tile is tinted
+    assert alpha.max() <= 0.45 and loc.crack_fraction() == pytest.approx(0.5, abs=0.01)
 
 
 def test_explain_writes_gradcam(trained_run, tmp_path):

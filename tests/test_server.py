@@ -52,7 +52,7 @@ def multipart(paths, field="files"):
 
 def test_health_and_key(server):
     h = httpx.get(server + "/healthz", headers={"X-API-Key": KEY}).json()
-    assert h["status"] == "ok" and h["model"] == "crack_lite0.pt" and 0 < h["threshold"] < 1
+    assert h["status"] == "ok" and h["model"].startswith("site (crack_lite0.pt") and 0 < h["threshold"] < 1
     for headers in ({}, {"X-API-Key": "wrong"}):
         r = httpx.get(server + "/healthz", headers=headers)
         assert r.status_code == 401 and "X-API-Key" in r.json()["error"]
@@ -68,7 +68,7 @@ def test_predict_in_upload_order_equals_predict_py(server, reference):
     r = post(server, "/v1/predict", files)
     assert r.status_code == 200
     body = r.json()
-    assert body["model"] == "crack_lite0.pt" and body["threshold"] == pytest.approx(predictor.threshold)
+    assert body["model"] == predictor.name and body["threshold"] == pytest.approx(predictor.threshold)
     got = body["results"]
     assert [g["filename"] for g in got] == [p.name for p in paths] + ["notes.txt"]
     for g, p in zip(got, paths):
@@ -165,7 +165,9 @@ def test_localize_matches_predict_py_tiling(server, reference, tmp_path):
     r = post(server, "/v1/localize", [("file", ("site.png", path.read_bytes(), "image/png"))])
     assert r.status_code == 200
     body = r.json()
-    expected, _ = localize(path, predictor)
+    expected, _ = localize(path, predictor.photos)  # a photo: the photo model's tiles at 224 and 112 px
+    row = next(predictor.iter_rows([path]))  # ... and predict.py's answer for it is theirs
+    assert (body["label"], body["probability"]) == (row.label, pytest.approx(row.probability, abs=1e-6))
     assert (body["width"], body["height"]) == (600, 300)
     assert [(t["x"], t["y"], t["width"], t["height"]) for t in body["tiles"]] == \
         [(t.x, t.y, t.width, t.height) for t in expected.tiles]
@@ -226,7 +228,9 @@ def test_page_in_a_real_browser(server, reference, tmp_path):
         page.click("#results tbody tr:first-child")
         page.wait_for_function("document.getElementById('viewer-status').textContent.includes('tiles show a crack')")
         assert page.eval_on_selector("#heat", "img => img.naturalWidth") == 227
-        assert page.locator("#tiles rect").count() == 1
+        status = page.text_content("#viewer-status")  # the viewer's answer is the table's
+        assert status.startswith(f"{table[0][3]} ({table[0][2]}): ")
+        assert page.locator("#tiles rect").count() == int(status.split(": ")[1].split(" of ")[0])
         shot = tmp_path / "page.png"
         page.screenshot(path=str(shot))
         # the API docs render from files the package ships: no request leaves this machine

@@ -72,9 +72,12 @@ def segment_photos(checkpoint: Path, paths, outputs, out_dir: Path, args) -> int
 
 
 def localize_photos(predictor, paths, outputs, out_dir, args) -> int:
+    """Each photo's tiles, heatmap and summary row; the row's label and probability are the photo's answer,
+    as ``predict.py`` writes it (for a photo: these very tiles, unless ``--tile`` asks for others)."""
+    from crack_lightning.data.images import decode_image
     from crack_lightning.errors import BadImageError
     from crack_lightning.inference.localize import (
-        localize,
+        localize_array,
         summary_row,
         write_heatmap,
         write_summary,
@@ -84,18 +87,22 @@ def localize_photos(predictor, paths, outputs, out_dir, args) -> int:
     rows, failed = [], 0
     for path, (tiles_csv, heatmap) in zip(paths, outputs):
         try:
-            loc, image = localize(path, predictor, args.tile, args.stride or None, progress=True)
+            image = decode_image(path)
         except BadImageError as exc:
             failed += 1
             rows.append({"photo": str(path), "error": str(exc)})
             print(f"  unreadable: {path_text(path)}: {exc}", file=sys.stderr)
         else:
+            answer = predictor.answer(image, str(path), progress=True)
+            loc = answer.localization
+            if loc is None or args.tile:  # a patch (answered whole), or other tiles asked for
+                loc = localize_array(image, predictor.photos, args.tile, args.stride or None, str(path), True)
             write_tiles_csv(loc, tiles_csv)
             write_heatmap(loc, image, heatmap)
-            row = summary_row(loc)
+            row = summary_row(loc, answer.label, answer.probability)
             rows.append(row)
-            print(f"{path_text(path)}: {row['crack_tiles']}/{row['tiles']} crack tiles, "
-                  f"{float(row['crack_fraction']):.1%} of the surface -> {path_text(heatmap)}")
+            print(f"{path_text(path)}: {answer.label} ({answer.probability:.3f}), {row['crack_tiles']}/{row['tiles']} "
+                  f"crack tiles, {float(row['crack_fraction']):.1%} of the surface -> {path_text(heatmap)}")
         write_summary(rows, out_dir / "summary.csv")  # after every photo: an interruption keeps what is done
     return 1 if failed else 0
 

@@ -35,13 +35,16 @@ def predict_parser():
     p = argparse.ArgumentParser(
         prog="predict.py", description="Predict crack / no crack for image files, folders (recursive) and globs.")
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="image files, folders or glob patterns")
-    p.add_argument("--checkpoint", default=None,
-                   help="model: .pt release, .ckpt training checkpoint or exported .onnx (default: models/crack_lite0.pt)")
+    p.add_argument("--model", "--checkpoint", dest="checkpoint", default=None, metavar="NAME|FILE",
+                   help="a shipped model: site (default: the Mendeley model for patches, the field model's tiles for "
+                        "larger photos), field or mendeley; or a file: .pt release, .ckpt checkpoint, exported .onnx")
     p.add_argument("--output", default=None,
                    help="CSV to write (default predictions.csv); with --localize/--explain a folder")
     p.add_argument("--localize", action="store_true",
                    help="inputs are full-size photos: slide over tiles, write tiles CSV + heatmap + summary.csv")
-    p.add_argument("--tile", type=number(int, MIN_TILE, IMAGE_SIZE[1]), default=227, help="--localize tile size in pixels (training scale: 227)")
+    p.add_argument("--tile", type=number(int, 0, IMAGE_SIZE[1]), default=0,
+                   help=f"--localize tile side in pixels, at least {MIN_TILE} (default 0: a photo's own tiles, 224 and "
+                        "112 px, the evidence of its answer)")
     p.add_argument("--stride", type=number(int, 0, IMAGE_SIZE[1]), default=0, help="--localize stride (default: tile/2, i.e. 50%% overlap)")
     p.add_argument("--explain", action="store_true", help="write a Grad-CAM PNG for each input patch")
     p.add_argument("--segment", action="store_true",
@@ -116,17 +119,23 @@ def predict_main(argv: list[str]) -> int:
     """Exit code: 0 all images predicted, 1 some files could not be read (error rows), 2 user error."""
     from crack_lightning.inference.outputs import (
         DEFAULT_CHECKPOINT,
+        MODELS,
         SEGMENT_MODEL,
         collect_inputs,
+        model_files,
     )
 
     parser = predict_parser()
     args = parser.parse_args(argv)  # --help and usage errors end here, before any heavy import
-    checkpoint = Path(args.checkpoint) if args.checkpoint else \
-        (DEFAULT_CHECKPOINT.with_name(SEGMENT_MODEL) if args.segment else DEFAULT_CHECKPOINT)
-    model_files = [checkpoint, checkpoint.with_suffix(".json")]  # an .onnx travels with its contract
+    patch_model, photo_model = model_files(args.checkpoint)
+    # one file: what --segment, --export and --calibrate-site work on (a site's photos: the photo model)
+    checkpoint = Path(args.checkpoint) if args.segment and args.checkpoint else \
+        DEFAULT_CHECKPOINT.with_name(SEGMENT_MODEL) if args.segment else photo_model
+    if args.export and patch_model != photo_model:
+        raise ConfigError(f"--export takes one model: --model {' or --model '.join(MODELS)}, or a file")
+    protected = [f for m in {patch_model, photo_model, checkpoint} for f in (m, m.with_suffix(".json"))]  # an .onnx travels with its contract
     if args.export:
-        return _export(checkpoint, Path(args.export), model_files)
+        return _export(checkpoint, Path(args.export), protected)
     inputs = list(args.inputs) + (_split_inputs(args.split) if args.split else [])
     if not inputs:
         parser.error("give at least one INPUT (or --split / --export)")
@@ -139,16 +148,16 @@ def predict_main(argv: list[str]) -> int:
             report,
         )
 
-        target = check_output_file(args.calibrate_site, [*paths, *model_files], "--calibrate-site",
+        target = check_output_file(args.calibrate_site, [*paths, *protected], "--calibrate-site",
                                    ours=is_site_model)
-        report(calibrate_site(checkpoint, paths, target, localize=args.localize, tile=args.tile,
+        report(calibrate_site(checkpoint, paths, target, localize=args.localize, tile=args.tile or None,
                               stride=args.stride or None, device=args.device, mode=args.calibrate_mode,
                               threshold=args.threshold, anyway=args.calibrate_anyway), target)
         return 0
-    out, outputs = _check_outputs(args, paths, [*paths, *model_files])
+    out, outputs = _check_outputs(args, paths, [*paths, *protected])
     if args.segment:
         return segment_photos(checkpoint, paths, outputs, out, args)
-    kwargs = dict(checkpoint=checkpoint, batch_size=args.batch_size, num_workers=args.workers,
+    kwargs = dict(checkpoint=args.checkpoint, batch_size=args.batch_size, num_workers=args.workers,
                   threshold=args.threshold, engine=args.engine)  # the same model settings in every process
     if args.accelerator is not None or args.devices is not None or args.num_nodes != 1:
         rows, predictor = _predict_distributed(args, paths, kwargs, out)
@@ -165,6 +174,8 @@ def predict_main(argv: list[str]) -> int:
 
 
 def _check_options(args) -> None:
+    if args.tile and args.tile < MIN_TILE:
+        raise ConfigError(f"--tile must be 0 (a photo's own tiles) or at least {MIN_TILE} pixels, got {args.tile}")
     modes = [m for m in ("localize", "explain", "segment", "export") if getattr(args, m)]
     modes += ["calibrate_site"] if args.calibrate_site and (args.explain or args.segment) else []  # it takes --localize
     if len(modes) > 1:
@@ -269,7 +280,7 @@ def _summarise(rows: list, predictor, out: Path, args) -> int:
 
         make_report([r.path for r in known], [r.probability for r in known],
                     [names.index(r.true_label) for r in known], predictor.threshold, args.report, names,
-                    title=Path(str(predictor.checkpoint)).name)
+                    title=predictor.name)
         print(f"report -> {args.report}")
     for r in errors[:10]:
         print(f"  unreadable: {r.path}: {r.error}", file=sys.stderr)

@@ -20,8 +20,10 @@ def serve_parser():
 
     p = argparse.ArgumentParser(prog="serve.py", description="Serve the crack classifier: web page at /, API under "
                                 "/v1 (OpenAPI docs at /docs).")
-    p.add_argument("--checkpoint", default=None,
-                   help="model: .pt release, .ckpt or exported .onnx (default: the model predict.py uses)")
+    p.add_argument("--model", "--checkpoint", dest="checkpoint", default=None, metavar="NAME|FILE",
+                   help="as predict.py's --model: site (default), field, mendeley, or a .pt/.ckpt/.onnx file")
+    p.add_argument("--sites", default="sites", metavar="DIR",
+                   help="where the inspectors' site profiles (marks, refitted models, logs) are kept")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0: every interface)")
     p.add_argument("--port", type=number(int, 1, 65535), default=8000)
@@ -63,7 +65,7 @@ def serve_main(argv: list[str]) -> int:
                      max_batch=args.max_batch, max_pixels=args.max_pixels)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
                                            timeout_graceful_shutdown=SERVER_SHUTDOWN_S))
-    print(f"model {Path(str(predictor.checkpoint)).name} (threshold {float(predictor.threshold):.3f}); "
+    print(f"model {predictor.name} (threshold {float(predictor.threshold):.3f}); "
           f"open http://{args.host}:{args.port}/ (API docs: /docs)", flush=True)
     server.run(sockets=[sock])
     return 0

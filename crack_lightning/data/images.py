@@ -137,6 +137,16 @@ def _decoder_messages() -> Iterator[list[str]]:
                 sys.stderr.write("\n".join(other) + "\n")
 
 
+def image_size(source: Source) -> tuple[int, int] | None:
+    """``(width, height)`` from the header alone, or None for a file that is not a usable image (its
+    reading, later, says why)."""
+    try:
+        with open_image(source) as img:
+            return img.size
+    except BadImageError:
+        return None
+
+
 def decode_image(source: Source, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Read a file path or a file's bytes as an ``HxWx3`` uint8 RGB array, or raise
     :class:`BadImageError`. No other exception escapes: whatever a damaged file makes a

@@ -155,6 +155,16 @@ def crop(image: np.ndarray, box: str) -> np.ndarray:
 
 
 TRAINING_TILE = 227  # the Mendeley patches were cut at this size from 4032x3024 photos
+# A photo is answered from its tiles at these sides (the field model's training tiles: a hair-thin crack
+# stays visible in a 112 px tile, where a whole photo shrunk to 224 px loses it); an input no larger than
+# PATCH_LIMIT on either side is a patch, answered whole (as the Mendeley patches were trained).
+PHOTO_TILES = (224, 112)
+PATCH_LIMIT = 340  # 1.5x the training patch
+
+
+def is_patch(width: int, height: int) -> bool:
+    """Whether an input of this size is answered whole (a patch) rather than from its tiles (a photo)."""
+    return max(width, height) <= PATCH_LIMIT
 
 
 @dataclass

@@ -33,7 +33,7 @@ from crack_lightning.models.anchors import (
     refit_linear,
 )
 
-MARGIN = 1e-6  # "just above": the highest crack-free score itself raises no alarm
+MARGIN = 1e-5  # "just above": the highest crack-free score raises no alarm, in either engine (ONNX, PyTorch)
 
 
 HIGH = 0.95  # a threshold above this finds only the clearest cracks: the user should check the photos
@@ -52,42 +52,37 @@ def site_threshold(probabilities: Sequence[float], stored: float = 0.0) -> float
     return max(float(max(probabilities)) + MARGIN, stored)
 
 
-def photo_scores(predictor, paths: Sequence[Path], localize: bool, tile: int, stride: int | None) -> list[float]:
-    """Each crack-free photo's highest crack probability: of the whole image, or with ``localize``
-    of its tiles (the scores ``predict.py --localize`` thresholds)."""
+def photo_scores(predictor, paths: Sequence[Path], localize: bool, tile: int | None, stride: int | None) -> list[float]:
+    """Each crack-free photo's crack probability as prediction answers it (:meth:`Predictor.answer`: a patch
+    whole, a photo from its tiles), or with ``localize`` / ``tile`` its highest tile at those tiles."""
+    from crack_lightning.data.images import decode_image
     from crack_lightning.errors import BadImageError
-    from crack_lightning.inference.localize import localize as localize_photo
+    from crack_lightning.inference.localize import localize_array
 
-    if not localize:
-        rows = list(predictor.iter_rows(paths))
-        bad = [r for r in rows if r.error]
-        if bad:
-            raise InputError(f"{len(bad)} photo(s) cannot be read (e.g. {path_text(bad[0].path)}: {bad[0].error}): "
-                             "calibrate on readable photos only")
-        return [float(r.probability) for r in rows]
     scores = []
     for path in paths:
         try:
-            loc, _ = localize_photo(path, predictor, tile, stride, progress=False)
+            image = decode_image(path)
         except BadImageError as exc:
             raise InputError(f"{path_text(path)} cannot be read ({exc}): calibrate on readable photos only") from None
-        scores.append(max(t.probability for t in loc.tiles))
+        if localize or tile:
+            scores.append(localize_array(image, predictor, tile or 0, stride, str(path)).probability)
+        else:
+            scores.append(predictor.answer(image, str(path)).probability)
     return scores
 
 
-def photo_features(predictor, head: nn.Linear, paths: Sequence[Path], localize: bool, tile: int,
+def photo_features(predictor, head: nn.Linear, paths: Sequence[Path], localize: bool, tile: int | None,
                    stride: int | None) -> tuple[list[float], list[torch.Tensor]]:
-    """:func:`photo_scores`, plus each photo's features as ``head`` receives them (one row, or one per
-    tile with ``localize``), read off the live model by a forward hook: exactly what prediction computes."""
+    """:func:`photo_scores`, plus each photo's features as ``head`` receives them (one row per image or tile
+    scored), read off the live model by a forward hook: exactly what prediction computes."""
     feats: list[torch.Tensor] = []
     hook = head.register_forward_hook(lambda _m, inp, _o: feats.append(inp[0].detach().float().cpu()))
     try:
-        if not localize:  # one batched pass; rows come in input order, and an unreadable photo stops it
-            return photo_scores(predictor, paths, False, tile, stride), list(torch.cat(feats).split(1))
         scores, sizes = [], []
         for path in paths:
             done = sum(len(f) for f in feats)
-            scores += photo_scores(predictor, [path], True, tile, stride)
+            scores += photo_scores(predictor, [path], localize, tile, stride)
             sizes.append(sum(len(f) for f in feats) - done)
         return scores, list(torch.cat(feats).split(sizes))
     finally:
@@ -95,7 +90,7 @@ def photo_features(predictor, head: nn.Linear, paths: Sequence[Path], localize: 
 
 
 def calibrate_site(checkpoint: Path, paths: Sequence[Path], out: Path, *, localize: bool = False,
-                   tile: int = 227, stride: int | None = None, device: str = "cpu", mode: str = "head",
+                   tile: int | None = None, stride: int | None = None, device: str = "cpu", mode: str = "head",
                    threshold: float | None = None, anyway: bool = False) -> dict:
     """Write ``out``: the model of ``checkpoint`` adapted to the crack-free photos in ``paths``
     (``mode``, see the module docstring), starting from ``threshold`` (else the stored one). Photos the
@@ -140,6 +135,8 @@ def calibrate_site(checkpoint: Path, paths: Sequence[Path], out: Path, *, locali
                              f"({tuple(ax.shape)} vs features {tuple(site_x.shape)}): the file is damaged or edited")
         old = (head.weight.detach().float().cpu().clone(), head.bias.detach().float().cpu().clone())  # not views
         weight, bias = refit_linear(*old, ax, ay, site_x)
+        # as the file will hold them (fp16): the threshold is chosen on the scores the saved model gives
+        weight, bias = weight.half().float(), bias.half().float()
         with torch.no_grad():
             head.weight.copy_(weight.to(head.weight))
             head.bias.copy_(bias.to(head.bias))

@@ -11,7 +11,7 @@ import csv
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import matplotlib
 
@@ -23,7 +23,7 @@ from PIL import Image  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from crack_lightning.data.images import decode_image
-from crack_lightning.data.tiles import TRAINING_TILE, Tile, iter_tiles
+from crack_lightning.data.tiles import PHOTO_TILES, Tile, iter_tiles
 from crack_lightning.data.transforms import eval_transform
 from crack_lightning.errors import Stopped
 from crack_lightning.files import (
@@ -48,39 +48,48 @@ class Localization:
     def crack_tiles(self) -> list[Tile]:
         return [t for t in self.tiles if t.probability >= self.threshold]
 
+    @property
+    def probability(self) -> float:
+        """The photo's crack probability: its highest tile's (flagged exactly when a tile is)."""
+        return max(t.probability for t in self.tiles)
+
     def crack_fraction(self) -> float:
-        """Share of the surface whose mean tile probability reaches the threshold (the outlined area)."""
+        """Share of the surface inside a flagged tile (the tinted, outlined area)."""
         scale = max(1, min(self.width, self.height) // 500)
         heat = self.heat(scale)[: self.height // scale, : self.width // scale]
         return float((heat >= self.threshold).mean()) if heat.size else 0.0
 
     def heat(self, scale: int) -> np.ndarray:
-        """Per-pixel mean probability over the overlapping tiles, downsampled by ``scale``."""
-        h, w = self.height // scale + 1, self.width // scale + 1
-        total, count = np.zeros((h, w), np.float32), np.zeros((h, w), np.float32)
+        """Per-pixel highest probability of the tiles over it, downsampled by ``scale``: a small tile that
+        sees a thin crack is not averaged away by the larger tile around it."""
+        heat = np.zeros((self.height // scale + 1, self.width // scale + 1), np.float32)
         for t in self.tiles:
             sl = (slice(t.y // scale, (t.y + t.height) // scale), slice(t.x // scale, (t.x + t.width) // scale))
-            total[sl] += t.probability
-            count[sl] += 1
-        return np.divide(total, count, out=np.zeros_like(total), where=count > 0)
+            np.maximum(heat[sl], t.probability, out=heat[sl])
+        return heat
 
 
-def localize(path: str | Path, predictor, tile: int = TRAINING_TILE, stride: int | None = None,
+def localize(path: str | Path, predictor, tile: int = 0, stride: int | None = None,
              progress: bool = False) -> tuple[Localization, np.ndarray]:
     """Classify every tile of the photo at ``path``; return the tiles and the decoded photo."""
     image = decode_image(path)
     return localize_array(image, predictor, tile, stride, str(path), progress), image
 
 
-def localize_array(image: np.ndarray, predictor, tile: int = TRAINING_TILE, stride: int | None = None,
+def photo_tiles(width: int, height: int, sides: Sequence[int], stride: int | None = None) -> list[Tile]:
+    """The tiles of a photo at every side in ``sides``, each overlapping its neighbours by half (or ``stride``)."""
+    return [t for side in sides for t in iter_tiles(width, height, side, stride or max(1, side // 2))]
+
+
+def localize_array(image: np.ndarray, predictor, tile: int = 0, stride: int | None = None,
                    name: str = "photo", progress: bool = False,
                    should_stop: Callable[[], bool] | None = None) -> Localization:
-    """Classify every tile of a decoded ``HxWx3`` photo (what :func:`localize` and the server share).
+    """Classify every tile of a decoded ``HxWx3`` photo (what :func:`localize` and the server share):
+    tiles of side ``tile``, or 0: the predictor's photo tiles (``photo_tiles``, several sides).
     ``should_stop`` is asked before every batch: true raises :class:`Stopped`."""
-    stride = stride or tile // 2
     height, width = image.shape[:2]
     tf = eval_transform(predictor.pre)
-    tiles = list(iter_tiles(width, height, tile, stride))
+    tiles = photo_tiles(width, height, [tile] if tile else getattr(predictor, "photo_tiles", PHOTO_TILES), stride)
     for start in tqdm(range(0, len(tiles), predictor.batch_size), desc=f"tiles of {Path(name).name}",
                       unit="batch", disable=not progress):
         if should_stop is not None and should_stop():
@@ -101,11 +110,11 @@ def write_tiles_csv(loc: Localization, path: Path) -> None:
 
 
 def veil(heat: np.ndarray, threshold: float) -> np.ndarray:
-    """RGBA floats: red whose opacity grows with the probability, so clean surface stays
-    untouched and the cracks themselves remain visible under the colour."""
+    """RGBA floats: only flagged tiles are tinted, a light red that deepens with the probability (at most 45 %
+    opaque), so the rest of the photo stays untouched and the crack under the colour remains visible."""
     out = np.zeros(heat.shape + (4,), np.float32)
     out[..., 0] = 1.0
-    out[..., 3] = np.where(heat >= 0.5 * threshold, 0.15 + 0.45 * heat, 0.0)
+    out[..., 3] = np.where(heat >= threshold, 0.2 + 0.25 * heat, 0.0)
     return out
 
 
@@ -151,9 +160,11 @@ def write_heatmap(loc: Localization, image: np.ndarray, path: Path, max_side: in
 
 
 
-def summary_row(loc: Localization) -> dict:
+def summary_row(loc: Localization, label: str, probability: float) -> dict:
+    """The photo's ``summary.csv`` row: its answer (as ``predict.py`` gives it) and its tiles."""
     return {
-        "photo": loc.photo, "width": loc.width, "height": loc.height, "tiles": len(loc.tiles),
+        "photo": loc.photo, "width": loc.width, "height": loc.height, "label": label,
+        "probability": f"{probability:.6f}", "tiles": len(loc.tiles),
         "crack_tiles": len(loc.crack_tiles), "crack_fraction": f"{loc.crack_fraction():.4f}",
         "max_probability": f"{max(t.probability for t in loc.tiles):.4f}", "threshold": f"{loc.threshold:.4f}",
         "error": "",

@@ -13,6 +13,11 @@ from crack_lightning.data.images import is_image_file
 from crack_lightning.errors import InputError
 
 RELEASE_NAME = "crack_lite0.pt"
+# the shipped classifiers by short name (``--model NAME``); "site", the default, answers a patch with the
+# Mendeley model and a photo from the field model's tiles (docs/models.md)
+MODELS = {"mendeley": RELEASE_NAME, "field": "crack_lite0_field.pt"}
+DEFAULT_MODEL = "site"
+MODEL_NAMES = (DEFAULT_MODEL, *MODELS)
 
 
 def default_checkpoint(checkout: Path | None = None, prefix: Path | None = None) -> Path:
@@ -24,6 +29,17 @@ def default_checkpoint(checkout: Path | None = None, prefix: Path | None = None)
 
 
 DEFAULT_CHECKPOINT = default_checkpoint()
+
+
+def model_files(choice: str | Path | None) -> tuple[Path, Path]:
+    """``(patch model, photo model)`` of a ``--model`` choice: a short name (:data:`MODEL_NAMES`) or a file
+    (then both). A name never shadows a file: ``./field`` is the file."""
+    text = str(choice) if choice else DEFAULT_MODEL
+    if text == DEFAULT_MODEL:
+        return DEFAULT_CHECKPOINT, DEFAULT_CHECKPOINT.with_name(MODELS["field"])
+    if text in MODELS and not Path(text).exists():
+        return (DEFAULT_CHECKPOINT.with_name(MODELS[text]),) * 2
+    return (Path(choice),) * 2
 
 
 def collect_inputs(inputs: Sequence[str]) -> list[Path]:
@@ -54,8 +70,8 @@ def collect_inputs(inputs: Sequence[str]) -> list[Path]:
 
 PREDICTIONS_HEADER = ["path", "probability", "label", "true_label", "correct", "error"]
 TILES_CSV_HEADER = ["x", "y", "width", "height", "probability"]
-SUMMARY_FIELDS = ["photo", "width", "height", "tiles", "crack_tiles", "crack_fraction", "max_probability",
-                  "threshold", "error"]
+SUMMARY_FIELDS = ["photo", "width", "height", "label", "probability", "tiles", "crack_tiles", "crack_fraction",
+                  "max_probability", "threshold", "error"]
 CRACKS_CSV_HEADER = ["id", "length_px", "mean_width_px", "max_width_px", "x", "y", "width", "height"]
 SEGMENT_SUMMARY_FIELDS = ["photo", "width", "height", "mask", "overlay", "cracks", "length_px", "max_width_px",
                           "longest_px", "crack", "error"]

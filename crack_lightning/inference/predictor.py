@@ -1,8 +1,10 @@
 """Batch prediction over any mix of files, folders and globs (what ``predict.py`` runs).
 
 Images go through the same :func:`~crack_lightning.data.images.decode_image` and
-:func:`~crack_lightning.data.transforms.eval_transform` as training. A file that
-cannot be read becomes an error row; the run goes on.
+:func:`~crack_lightning.data.transforms.eval_transform` as training. A patch (no side over
+:data:`~crack_lightning.data.tiles.PATCH_LIMIT`) is answered whole; a larger photo from its tiles
+(:meth:`Predictor.answer`), the same evidence ``--localize``, the server's viewer and its table show.
+A file that cannot be read becomes an error row; the run goes on.
 """
 from __future__ import annotations
 
@@ -16,12 +18,13 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from crack_lightning.data.images import decode_image
+from crack_lightning.data.images import decode_image, image_size
 from crack_lightning.data.loaders import Batches, ImageDataset, make_loader
+from crack_lightning.data.tiles import PHOTO_TILES, is_patch
 from crack_lightning.data.transforms import eval_transform
 from crack_lightning.errors import InputError
 from crack_lightning.files import atomic_write, csv_path, csv_text
-from crack_lightning.inference.outputs import DEFAULT_CHECKPOINT, PREDICTIONS_HEADER
+from crack_lightning.inference.outputs import PREDICTIONS_HEADER, model_files
 from crack_lightning.limits import MAX_PIXELS
 from crack_lightning.models.metrics import binary_metrics
 
@@ -58,8 +61,22 @@ class Row:
 
 
 @dataclass
+class Answer:
+    """One input's answer: its crack probability (a photo's: its highest tile's), the class name, and for a
+    photo the tiles it came from (what a viewer shows)."""
+
+    probability: float
+    label: str
+    localization: object | None = None  # a photo's Localization
+
+
+@dataclass
 class Predictor:
-    """A loaded model (PyTorch checkpoint or exported ONNX) with its threshold and preprocessing."""
+    """A loaded model (PyTorch checkpoint or exported ONNX) with its threshold and preprocessing.
+
+    ``checkpoint``: a file, or a shipped model's short name (:data:`~crack_lightning.inference.outputs.MODEL_NAMES`;
+    default ``site``: patches by the Mendeley model, photos by the field model's tiles). ``photos`` is the
+    predictor whose tiles answer photos (itself for a single file)."""
 
     checkpoint: str | Path | None = None
     device: str = "cpu"
@@ -69,6 +86,7 @@ class Predictor:
     engine: str = "auto"  # auto: ONNX Runtime on CPU, PyTorch on GPU; or "torch" / "onnx"
     resize_on_device: bool | None = None  # None: on a GPU (PyTorch engine only; see defer_resize)
     progress: bool = False  # draw a progress bar over long work (the command line asks; a library call does not)
+    photo_tiles: tuple[int, ...] = PHOTO_TILES  # a photo's tile sides (see data/tiles.py)
 
     def __post_init__(self) -> None:
         self.on_gpu = str(self.device).startswith("cuda")
@@ -83,7 +101,9 @@ class Predictor:
             self.batch_size = 256 if self.on_gpu else 32
         if self.num_workers < 0:
             self.num_workers = min(16, max(1, (os.cpu_count() or 2) - 1)) if self.on_gpu else 1
-        self.checkpoint = Path(self.checkpoint) if self.checkpoint else DEFAULT_CHECKPOINT
+        self.choice = str(self.checkpoint or "site")
+        self.checkpoint, self._photo_file = model_files(self.checkpoint)
+        self._photos = self if self._photo_file == self.checkpoint else None
         self._model, self._run = None, None
         if self.checkpoint.suffix == ".onnx":
             from crack_lightning.models.runtime import OnnxModel
@@ -123,6 +143,33 @@ class Predictor:
             from crack_lightning.models.checkpoint import check_threshold
 
             self.threshold = check_threshold(stored, self.checkpoint)
+
+    @property
+    def photos(self) -> "Predictor":
+        """The predictor whose tiles answer photos (loaded when a photo first comes)."""
+        if self._photos is None:
+            self._photos = Predictor(self._photo_file, self.device, self.batch_size, self.num_workers, self.threshold,
+                                     self.engine, self.resize_on_device, self.progress, self.photo_tiles)
+        return self._photos
+
+    @property
+    def name(self) -> str:
+        """What the outputs name as the model: the file, or both files of a combined choice."""
+        if self._photo_file == self.checkpoint:
+            return Path(str(self.checkpoint)).name
+        return f"{self.choice} ({self.checkpoint.name} for patches, {self._photo_file.name} for photos)"
+
+    def answer(self, image, name: str = "photo", progress: bool = False, should_stop=None) -> Answer:
+        """The answer for one decoded ``HxWx3`` image: a patch whole, a photo from its tiles at
+        :attr:`photo_tiles` (any tile at the photo model's threshold flags it)."""
+        if is_patch(image.shape[1], image.shape[0]):
+            p = float(self.probabilities(eval_transform(self.pre)(image=image)["image"][None])[0])
+            return Answer(p, self.class_names[int(p >= self.threshold)])
+        from crack_lightning.inference.localize import localize_array
+
+        loc = localize_array(image, self.photos, 0, None, name, progress, should_stop)
+        p = max(t.probability for t in loc.tiles)
+        return Answer(p, self.photos.class_names[int(p >= loc.threshold)], loc)
 
     @property
     def model(self):
@@ -199,6 +246,23 @@ class Predictor:
         if isinstance(paths, (str, os.PathLike)):  # one path, not its characters
             paths = [paths]
         paths = [Path(p) for p in paths]
+        sizes = [image_size(p) for p in paths]  # headers only: which inputs are photos
+        photo = [s is not None and not is_patch(*s) for s in sizes]
+        patch_rows = self._patch_rows([p for p, ph in zip(paths, photo) if not ph], progress)
+        for path, is_photo in zip(paths, photo):
+            yield self._photo_row(path) if is_photo else next(patch_rows)
+
+    def _photo_row(self, path: Path) -> Row:
+        from crack_lightning.errors import BadImageError
+
+        try:
+            a = self.answer(decode_image(path), str(path))
+        except BadImageError as exc:
+            return self.row(path, None, str(exc))
+        truth = label_from_path(path, self.class_names)
+        return Row(str(path), a.probability, a.label, self.class_names[truth] if truth is not None else "")
+
+    def _patch_rows(self, paths: list[Path], progress: bool | None) -> Iterator[Row]:
         pending = None
         bar = self.progress if progress is None else progress
         for b in tqdm(self.loader(paths), desc="predicting", unit="batch", disable=not bar):
@@ -242,10 +306,12 @@ def write_rows(rows: Iterable[Row], path: str | Path) -> list[Row]:
 
 
 def compare(rows: Sequence[Row], class_names: Sequence[str], threshold: float) -> dict | None:
-    """Metrics of the rows whose true class is known from their folder (None if none is)."""
+    """Metrics of the rows whose true class is known from their folder (None if none is), scored on the
+    rows' own labels (a photo's came from its tiles at the photo model's threshold)."""
     known = [r for r in rows if r.true_label and r.probability is not None]
     if not known:
         return None
     probs = torch.tensor([r.probability for r in known])
     labels = torch.tensor([list(class_names).index(r.true_label) for r in known])
-    return binary_metrics(probs, labels, threshold)
+    decided = torch.tensor([r.label == class_names[1] for r in known])
+    return binary_metrics(probs, labels, threshold, decided)

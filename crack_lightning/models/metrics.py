@@ -40,11 +40,13 @@ def choose_threshold(probs: torch.Tensor, labels: torch.Tensor, rule: str = "f1"
     return float(candidates[torch.argmin((candidates - 0.5).abs())])
 
 
-def binary_metrics(probs: torch.Tensor, labels: torch.Tensor, threshold: float = 0.5) -> dict[str, float]:
-    """Accuracy, precision, recall, F1, AUROC and the confusion counts at ``threshold``."""
+def binary_metrics(probs: torch.Tensor, labels: torch.Tensor, threshold: float = 0.5,
+                   decided: torch.Tensor | None = None) -> dict[str, float]:
+    """Accuracy, precision, recall, F1, AUROC and the confusion counts at ``threshold`` (or of the
+    ``decided`` crack answers, where they were not all made at one threshold)."""
     probs = probs.detach().float().flatten().cpu()
     labels = labels.detach().flatten().cpu().long()
-    pred = (probs >= threshold).long()
+    pred = (probs >= threshold).long() if decided is None else decided.flatten().cpu().long()
     tp = int(((pred == 1) & (labels == 1)).sum())
     tn = int(((pred == 0) & (labels == 0)).sum())
     fp = int(((pred == 1) & (labels == 0)).sum())

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hmac
+import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 from fastapi import HTTPException, Request
@@ -24,8 +23,8 @@ from fastapi_offline import FastAPIOffline
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from crack_lightning.data.images import decode_image
-from crack_lightning.data.tiles import TRAINING_TILE, tile_count
+from crack_lightning.data.images import decode_image, image_size
+from crack_lightning.data.tiles import is_patch, tile_count
 from crack_lightning.errors import BadImageError, Stopped
 from crack_lightning.inference.localize import heat_layer_png, localize_array
 from crack_lightning.inference.segment import segment_array
@@ -37,72 +36,8 @@ from crack_lightning.limits import (
     SERVER_MAX_TILES,
     SERVER_MAX_UPLOAD_MB,
 )
-from crack_lightning.serve.batcher import API_KEY_HEADER, Batcher, QueueFull
-
-
-def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
-
-
-class BodyLimit:
-    """ASGI middleware: 413 for a request body over ``max_bytes``, announced or streamed."""
-
-    FLAG = "crack_lightning.body_too_large"
-
-    class _TooLarge(Exception):
-        pass
-
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        message = f"upload larger than the limit of {self.max_bytes / 1e6:g} MB"
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await _error(413, message)(scope, receive, send)
-        received, started = 0, False
-
-        async def limited_receive():
-            nonlocal received
-            msg = await receive()
-            if msg["type"] == "http.request":
-                received += len(msg.get("body", b""))
-                if received > self.max_bytes:
-                    scope[BodyLimit.FLAG] = True  # parsers may wrap the exception: the endpoint checks this
-                    raise BodyLimit._TooLarge
-            return msg
-
-        async def tracking_send(msg):
-            nonlocal started
-            started = started or msg["type"] == "http.response.start"
-            await send(msg)
-
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except BodyLimit._TooLarge:
-            if not started:
-                await _error(413, message)(scope, receive, send)
-
-
-class ApiKey:
-    """Every API request (``/v1/*``, ``/healthz``) carries the key in its ``X-API-Key`` header: compared as the
-    bytes sent, in constant time (any byte is a wrong key, never an error). A plain ASGI middleware, as
-    :class:`BodyLimit`: Starlette's ``http`` middleware hides a client's disconnect from the endpoint."""
-
-    def __init__(self, app, key: str):
-        self.app, self.key = app, key.encode("utf-8")
-        self.header = API_KEY_HEADER.lower().encode("latin-1")
-
-    async def __call__(self, scope, receive, send):
-        path = scope.get("path", "")
-        if scope["type"] == "http" and (path == "/healthz" or path.startswith("/v1/")):
-            given = next((v for k, v in scope["headers"] if k == self.header), b"")
-            if not hmac.compare_digest(given, self.key):
-                await _error(401, f"missing or wrong {API_KEY_HEADER} header")(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+from crack_lightning.serve.batcher import Batcher, QueueFull
+from crack_lightning.serve.middleware import ApiKey, BodyLimit, _error
 
 
 def create_app(predictor, *, segmenter=None, api_key: str | None = None, max_upload_mb: float = SERVER_MAX_UPLOAD_MB,
@@ -113,7 +48,7 @@ def create_app(predictor, *, segmenter=None, api_key: str | None = None, max_upl
     decoders = ThreadPoolExecutor(decode_threads, thread_name_prefix="decode")
     prepare = predictor.preparer(max_pixels)
     localize_slots = asyncio.Semaphore(max_localize)
-    model_name = Path(str(predictor.checkpoint)).name
+    model_name = predictor.name
     threshold = float(predictor.threshold)
     names = list(predictor.class_names)
 
@@ -133,6 +68,12 @@ def create_app(predictor, *, segmenter=None, api_key: str | None = None, max_upl
                   description="Is there a crack in this photo of concrete? Patches (`/v1/predict`) and "
                               "full-size photos (`/v1/localize`).")
     app.state.batcher = batcher
+
+    def photo_predictor(site: str | None):
+        """The predictor that answers photos for ``site`` (its profile's model), or the server's own."""
+        if site is None:
+            return predictor
+        raise HTTPException(404, f"no site profile {site!r}")
 
     @app.exception_handler(StarletteHTTPException)  # FastAPI's and Starlette's own (404, 405): one body shape
     async def http_error(request, exc: StarletteHTTPException):
@@ -173,26 +114,38 @@ def create_app(predictor, *, segmenter=None, api_key: str | None = None, max_upl
                 "queue": batcher.waiting, "batches": batcher.batches, "images": batcher.images,
                 "segment": segmenter is not None}
 
-    @app.post("/v1/predict", summary="Crack probability of each uploaded image (multipart field `files`)")
-    async def predict(request: Request):
+    @app.post("/v1/predict", summary="Crack answer for each uploaded image (multipart field `files`)")
+    async def predict(request: Request, site: str | None = None):
+        photos_by = photo_predictor(site)
         files = await read_files(request, "files")
         if len(files) > batcher.max_queue:  # could never fit the queue: not "busy", too large
             return _error(413, f"{len(files)} images in one request; at most {batcher.max_queue} (send them in parts)")
-        prepared = await asyncio.gather(*(decode(data, _try(prepare)) for _, data in files))
-        good = [i for i, (item, err) in enumerate(prepared) if err is None]
+        prepared = await asyncio.gather(*(decode(data, _try(sort_input)) for _, data in files))
+        good = [i for i, (item, err) in enumerate(prepared) if err is None and item[0] == "patch"]
         try:
-            probs = await batcher.submit([prepared[i][0] for i in good])
+            probs = await batcher.submit([prepared[i][0][1] for i in good])
         except QueueFull as exc:
             return _error(503, f"server busy: {exc}; retry shortly", {"Retry-After": "1"})
-        by_index = dict(zip(good, probs))
+        by_index = {i: (float(p), names[int(float(p) >= threshold)]) for i, p in zip(good, probs)}
+        for i, ((name, data), (item, err)) in enumerate(zip(files, prepared)):
+            if err is None and item[0] == "photo":  # a photo: its tiles, as the viewer shows them
+                _, answer = await on_one_photo(request, lambda image, n, stop: photos_by.answer(image, n, should_stop=stop),
+                                               bounded_photo(photos_by), upload=(name, data))
+                if isinstance(answer, JSONResponse):
+                    if answer.status_code == 503:
+                        return answer
+                    prepared[i] = (None, json.loads(answer.body)["error"])
+                else:
+                    by_index[i] = (answer.probability, answer.label)
         results = []
         for i, (name, _) in enumerate(files):
             if i in by_index:
-                p = float(by_index[i])
-                results.append({"filename": name, "probability": round(p, 6), "label": names[int(p >= threshold)]})
+                p, label = by_index[i]
+                results.append({"filename": name, "probability": round(p, 6), "label": label})
             else:
                 results.append({"filename": name, "error": prepared[i][1]})
-        return {"results": results, "threshold": threshold, "model": model_name}
+        return {"results": results, "threshold": threshold, "photo_threshold": float(photos_by.photos.threshold),
+                "model": model_name, "site": site}
 
     async def run_cancellable(request: Request, work):
         """``work(should_stop)`` on the model thread; a client that leaves, or a stopping server, calls it off."""
@@ -205,15 +158,17 @@ def create_app(predictor, *, segmenter=None, api_key: str | None = None, max_upl
                 gone.set()
         return await job
 
-    async def on_one_photo(request: Request, run, check=None):
-        """The request's one photo (field ``file``), decoded within the slots for whole-photo work, then
-        ``run(image, name, should_stop)`` on the model thread, called off when the client leaves or the
+    async def on_one_photo(request: Request, run, check=None, upload: tuple[str, bytes] | None = None):
+        """The request's one photo (field ``file``, or ``upload``), decoded within the slots for whole-photo work,
+        then ``run(image, name, should_stop)`` on the model thread, called off when the client leaves or the
         server stops. ``check(image)``: an error response that refuses the work before it starts. Returns
         ``(name, result)``, or ``(name, error response)``."""
-        files = await read_files(request, "file")
-        if len(files) != 1:
-            raise HTTPException(400, f"send exactly one photo in the field 'file', got {len(files)}")
-        name, data = files[0]
+        if upload is None:
+            files = await read_files(request, "file")
+            if len(files) != 1:
+                raise HTTPException(400, f"send exactly one photo in the field 'file', got {len(files)}")
+            upload = files[0]
+        name, data = upload
         if localize_slots.locked() and batcher.waiting >= batcher.max_queue:  # both saturated: shed load
             return name, _error(503, "server busy; retry shortly", {"Retry-After": "5"})
         async with localize_slots:
@@ -228,26 +183,44 @@ def create_app(predictor, *, segmenter=None, api_key: str | None = None, max_upl
             except Stopped:
                 return name, _error(503, "the server is stopping" if stopping.is_set() else "the client went away")
 
-    @app.post("/v1/localize", summary="Crack probability of every tile of one photo (multipart field `file`)")
-    async def localize(request: Request, tile: int = TRAINING_TILE, stride: int = 0):
-        if not MIN_TILE <= tile <= 4096 or not 0 <= stride <= 4096:
-            raise HTTPException(400, f"tile must be {MIN_TILE}-4096 and stride 0-4096 (0: half the tile)")
-        step = stride or tile // 2
+    def sort_input(data: bytes):
+        """A patch, prepared for the batcher; or a photo, left as its bytes (decoded later, within the slots)."""
+        size = image_size(data)
+        return ("photo", None) if size and not is_patch(*size) else ("patch", prepare(data))
 
-        def bounded(image):  # the work is bounded before it starts
-            count = tile_count(image.shape[1], image.shape[0], tile, step)
+    def bounded_photo(by, tile: int = 0, stride: int = 0):
+        """Refuses a photo whose tiles would be more work than one request may ask for, before it starts."""
+        def check(image):
+            sides = [tile] if tile else list(by.photo_tiles)
+            count = sum(tile_count(image.shape[1], image.shape[0], t, stride or t // 2) for t in sides)
             if count > SERVER_MAX_TILES:
-                return _error(400, f"tile {tile} / stride {step} makes {count:,} tiles of this "
+                return _error(400, f"tiles of {'/'.join(map(str, sides))} px make {count:,} tiles of this "
                                    f"{image.shape[1]}x{image.shape[0]} photo; at most {SERVER_MAX_TILES:,}: "
                                    "choose a larger stride or tile")
             return None
+        return check
 
-        name, loc = await on_one_photo(request, lambda image, name, stop: localize_array(
-            image, predictor, tile, stride or None, name, should_stop=stop), bounded)
-        if isinstance(loc, JSONResponse):
-            return loc
+    @app.post("/v1/localize", summary="The answer for one photo, and every tile it came from (multipart field `file`)")
+    async def localize(request: Request, tile: int = 0, stride: int = 0, site: str | None = None):
+        if not (tile == 0 or MIN_TILE <= tile <= 4096) or not 0 <= stride <= 4096:
+            raise HTTPException(400, f"tile must be 0 (the photo tiles) or {MIN_TILE}-4096, and stride 0-4096 "
+                                     "(0: half the tile)")
+        by = photo_predictor(site)
+
+        def run(image, name, stop):
+            answer = by.answer(image, name, should_stop=stop)
+            loc = answer.localization
+            if loc is None or tile or stride:  # a patch (answered whole), or other tiles asked for
+                loc = localize_array(image, by.photos, tile, stride or None, name, should_stop=stop)
+            return answer, loc
+
+        name, done = await on_one_photo(request, run, bounded_photo(by.photos, tile, stride))
+        if isinstance(done, JSONResponse):
+            return done
+        answer, loc = done
         png = await decode(loc, heat_layer_png)
-        return {"filename": name, "width": loc.width, "height": loc.height, "threshold": threshold,
+        return {"filename": name, "width": loc.width, "height": loc.height, "threshold": loc.threshold,
+                "label": answer.label, "probability": round(answer.probability, 6), "site": site,
                 "tiles": [{"x": t.x, "y": t.y, "width": t.width, "height": t.height,
                            "probability": round(t.probability, 6)} for t in loc.tiles],
                 "crack_tiles": len(loc.crack_tiles), "crack_fraction": round(loc.crack_fraction(), 6),

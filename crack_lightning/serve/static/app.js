@@ -140,8 +140,8 @@ async function openViewer(entry) {
     for (const [k, v] of Object.entries({ x: t.x, y: t.y, width: t.width, height: t.height })) rect.setAttribute(k, v);
     svg.appendChild(rect);
   }
-  $("viewer-status").textContent = `${loc.crack_tiles} of ${loc.tiles.length} tiles show a crack ` +
-    `(${(100 * loc.crack_fraction).toFixed(1)}% of the surface; outlined in yellow)`;
+  $("viewer-status").textContent = `${loc.label} (${loc.probability.toFixed(4)}): ${loc.crack_tiles} of ` +
+    `${loc.tiles.length} tiles show a crack (${(100 * loc.crack_fraction).toFixed(1)}% of the surface; outlined in yellow)`;
   if (segmentation) await crackMap(entry);
 }
 
