@@ -61,7 +61,7 @@ def serve_main(argv: list[str]) -> int:
     from crack_lightning.serve.app import create_app
 
     predictor = Predictor(args.checkpoint, args.device, batch_size=args.max_batch)
-    app = create_app(predictor, segmenter=_segmenter(args.segment_checkpoint, args.device), api_key=api_key, max_upload_mb=args.max_upload_mb, max_queue=args.max_queue,
+    app = create_app(predictor, segmenter=_segmenter(args.segment_checkpoint, args.device), sites=args.sites, api_key=api_key, max_upload_mb=args.max_upload_mb, max_queue=args.max_queue,
                      max_batch=args.max_batch, max_pixels=args.max_pixels)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
                                            timeout_graceful_shutdown=SERVER_SHUTDOWN_S))

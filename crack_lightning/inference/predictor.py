@@ -87,6 +87,7 @@ class Predictor:
     resize_on_device: bool | None = None  # None: on a GPU (PyTorch engine only; see defer_resize)
     progress: bool = False  # draw a progress bar over long work (the command line asks; a library call does not)
     photo_tiles: tuple[int, ...] = PHOTO_TILES  # a photo's tile sides (see data/tiles.py)
+    photo_model: str | Path | None = None  # a file that answers photos instead of the choice's own (a site's)
 
     def __post_init__(self) -> None:
         self.on_gpu = str(self.device).startswith("cuda")
@@ -102,7 +103,9 @@ class Predictor:
         if self.num_workers < 0:
             self.num_workers = min(16, max(1, (os.cpu_count() or 2) - 1)) if self.on_gpu else 1
         self.choice = str(self.checkpoint or "site")
+        self._asked_threshold = self.threshold  # the user's override (None: each model's stored one)
         self.checkpoint, self._photo_file = model_files(self.checkpoint)
+        self._photo_file = Path(self.photo_model) if self.photo_model else self._photo_file
         self._photos = self if self._photo_file == self.checkpoint else None
         self._model, self._run = None, None
         if self.checkpoint.suffix == ".onnx":
@@ -148,7 +151,7 @@ class Predictor:
     def photos(self) -> "Predictor":
         """The predictor whose tiles answer photos (loaded when a photo first comes)."""
         if self._photos is None:
-            self._photos = Predictor(self._photo_file, self.device, self.batch_size, self.num_workers, self.threshold,
+            self._photos = Predictor(self._photo_file, self.device, self.batch_size, self.num_workers, self._asked_threshold,
                                      self.engine, self.resize_on_device, self.progress, self.photo_tiles)
         return self._photos
 

@@ -51,12 +51,12 @@ def anchor_accuracy(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias
 
 def refit_linear(weight: torch.Tensor, bias: torch.Tensor, anchors_x: torch.Tensor, anchors_y: torch.Tensor,
                  site_x: torch.Tensor, share: float = SITE_SHARE, l2: float = SITE_L2,
-                 steps: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
-    """A logistic head fitted on the anchors (their labels) plus the site's crack-free features
-    (label 0, together weighing ``share`` of the anchors), starting from and pulled towards
+                 steps: int = 100, site_y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A logistic head fitted on the anchors (their labels) plus the site's features (label ``site_y``, by
+    default 0: crack-free; together weighing ``share`` of the anchors), starting from and pulled towards
     ``weight``/``bias`` (L2 ``l2``); L-BFGS, deterministic. Returns the new ``weight``, ``bias``."""
     x = torch.cat([anchors_x.float(), site_x.float()])
-    y = torch.cat([anchors_y.float(), torch.zeros(len(site_x))])
+    y = torch.cat([anchors_y.float(), torch.zeros(len(site_x)) if site_y is None else site_y.float()])
     w = torch.cat([torch.ones(len(anchors_x)), torch.full((len(site_x),), share * len(anchors_x) / max(1, len(site_x)))])
     w = w / w.sum()
     w0, b0 = weight.detach().float().cpu().clone(), bias.detach().float().cpu().clone()

@@ -40,7 +40,7 @@ from crack_lightning.serve.batcher import Batcher, QueueFull
 from crack_lightning.serve.middleware import ApiKey, BodyLimit, _error
 
 
-def create_app(predictor, *, segmenter=None, api_key: str | None = None, max_upload_mb: float = SERVER_MAX_UPLOAD_MB,
+def create_app(predictor, *, segmenter=None, sites=None, api_key: str | None = None, max_upload_mb: float = SERVER_MAX_UPLOAD_MB,
                max_queue: int = SERVER_MAX_QUEUE, max_batch: int = SERVER_MAX_BATCH, max_pixels: int = SERVER_MAX_PIXELS,
                decode_threads: int = 4, max_localize: int = 2):
     """The FastAPI application around a loaded :class:`~crack_lightning.inference.predictor.Predictor`."""
@@ -69,11 +69,25 @@ def create_app(predictor, *, segmenter=None, api_key: str | None = None, max_upl
                               "full-size photos (`/v1/localize`).")
     app.state.batcher = batcher
 
+    profiles = None
+    if sites is not None:
+        from crack_lightning.inference.sites import SiteProfiles
+
+        profiles = SiteProfiles(sites, predictor.photos, predictor)
+
     def photo_predictor(site: str | None):
-        """The predictor that answers photos for ``site`` (its profile's model), or the server's own."""
-        if site is None:
+        """The predictor that answers photos for ``site`` (its profile's model, the server's own before any
+        mark), or the server's own."""
+        if not site:
             return predictor
-        raise HTTPException(404, f"no site profile {site!r}")
+        if profiles is None:
+            raise HTTPException(404, "this server keeps no site profiles (serve.py --sites DIR)")
+        from crack_lightning.errors import InputError
+
+        try:
+            return profiles.predictor(site) or predictor
+        except InputError as exc:
+            raise HTTPException(400, str(exc)) from None
 
     @app.exception_handler(StarletteHTTPException)  # FastAPI's and Starlette's own (404, 405): one body shape
     async def http_error(request, exc: StarletteHTTPException):
@@ -112,7 +126,7 @@ def create_app(predictor, *, segmenter=None, api_key: str | None = None, max_upl
     async def healthz() -> dict[str, Any]:
         return {"status": "ok", "model": model_name, "threshold": threshold, "class_names": names,
                 "queue": batcher.waiting, "batches": batcher.batches, "images": batcher.images,
-                "segment": segmenter is not None}
+                "segment": segmenter is not None, "sites": profiles is not None}
 
     @app.post("/v1/predict", summary="Crack answer for each uploaded image (multipart field `files`)")
     async def predict(request: Request, site: str | None = None):
@@ -240,6 +254,14 @@ def create_app(predictor, *, segmenter=None, api_key: str | None = None, max_upl
         return {"filename": name, "width": seg.width, "height": seg.height,
                 "threshold": float(segmenter.threshold), "min_crack_px": seg.min_crack_px, "crack": seg.cracked,
                 "cracks": [c.row(mm_per_pixel) for c in seg.cracks], "mask_png": base64.b64encode(png).decode("ascii")}
+
+    if profiles is not None:
+        from crack_lightning.serve.review import add_review_routes
+
+        async def on_model_thread(fn):
+            return await asyncio.get_running_loop().run_in_executor(batcher.model_thread, fn)
+
+        add_review_routes(app, profiles, read_files, on_model_thread, max_pixels)
 
     static = resources.files("crack_lightning.serve") / "static"
 
