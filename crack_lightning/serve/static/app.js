@@ -12,6 +12,7 @@ let apiKey = sessionStorage.getItem("crack_api_key") || "";
 let segmentation = false;     // the server has a crack-map model (POST /v1/segment)
 let cracks = [];              // the open photo's cracks, as /v1/segment answered
 let sortKey = "max_width";
+let sites = false;            // the server keeps site profiles (the review loop)
 
 const $ = (id) => document.getElementById(id);
 
@@ -29,6 +30,8 @@ async function health() {
   const h = await r.json();
   threshold = h.threshold;
   segmentation = Boolean(h.segment);
+  sites = Boolean(h.sites);
+  $("site-box").hidden = !sites;
   crackLabel = h.class_names ? h.class_names[1] : crackLabel;
   $("key-box").hidden = true;
   $("model").textContent = `model ${h.model}, crack when probability ≥ ${h.threshold.toFixed(3)}`;
@@ -82,7 +85,7 @@ async function classify(entry, attempt = 0) {
   body.append("files", entry.file, entry.name);
   let answer;
   try {
-    const r = await fetch("/v1/predict", { method: "POST", body, headers: headers() });
+    const r = await fetch(`/v1/predict${siteQuery()}`, { method: "POST", body, headers: headers() });
     if (r.status === 503 && attempt < 5) {  // busy: wait and try again
       await new Promise((ok) => setTimeout(ok, 1000 * (attempt + 1)));
       return classify(entry, attempt + 1);
@@ -104,7 +107,7 @@ async function classify(entry, attempt = 0) {
     entry.probability = answer.probability;
     entry.label = answer.label;
     entry.row.className = answer.label === crackLabel ? "crack" : "clean";
-    cells[2].textContent = answer.probability.toFixed(4);
+    cells[2].textContent = answer.probability.toFixed(6);
     cells[3].textContent = answer.label;
   }
 }
@@ -113,6 +116,7 @@ let viewing = null;  // the entry the viewer shows
 
 async function openViewer(entry) {
   if (entry.error) return;
+  if (viewing !== entry) $("review-status").textContent = "";
   viewing = entry;
   $("crack-map").hidden = true;
   const canvas = $("cracks");
@@ -125,8 +129,9 @@ async function openViewer(entry) {
   $("tiles").innerHTML = "";
   const body = new FormData();
   body.append("file", entry.file, entry.name);
-  const r = await fetch("/v1/localize", { method: "POST", body, headers: headers() });
+  const r = await fetch(`/v1/localize${siteQuery()}`, { method: "POST", body, headers: headers() });
   const loc = await r.json();
+  $("review").hidden = !(sites && site());
   if (!r.ok) {
     $("viewer-status").textContent = `error: ${loc.error}`;
     return;
@@ -138,11 +143,36 @@ async function openViewer(entry) {
   for (const t of loc.tiles.filter((t) => t.probability >= loc.threshold)) {
     const rect = document.createElementNS("http://www.w3.org/2000/svg", "rect");
     for (const [k, v] of Object.entries({ x: t.x, y: t.y, width: t.width, height: t.height })) rect.setAttribute(k, v);
+    rect.addEventListener("click", () => mark(entry, "no crack", t));  // a false alarm: this tile shows no crack
     svg.appendChild(rect);
   }
   $("viewer-status").textContent = `${loc.label} (${loc.probability.toFixed(4)}): ${loc.crack_tiles} of ` +
     `${loc.tiles.length} tiles show a crack (${(100 * loc.crack_fraction).toFixed(1)}% of the surface; outlined in yellow)`;
   if (segmentation) await crackMap(entry);
+}
+
+function site() { return $("site").value.trim(); }
+function siteQuery() { return sites && site() ? `?site=${encodeURIComponent(site())}` : ""; }
+
+// The review loop: the inspector's mark goes to the site's profile, the site's model is refitted, and the
+// photo and its row are answered again by it
+async function mark(entry, label, tile = null) {
+  if (!sites || !site()) return;
+  $("review-status").textContent = "learning…";
+  const body = new FormData();
+  body.append("file", entry.file, entry.name);
+  const q = new URLSearchParams({ label });
+  if (tile) for (const k of ["x", "y", "width", "height"]) q.set(k, tile[k]);
+  const r = await fetch(`/v1/sites/${encodeURIComponent(site())}/marks?${q}`, { method: "POST", body, headers: headers() });
+  const out = await r.json();
+  if (!r.ok) {
+    $("review-status").textContent = `error: ${out.error}`;
+    return;
+  }
+  await Promise.all(results.filter((e) => !e.error).map((e) => classify(e)));  // every row, by the site's model
+  progress();
+  if (viewing === entry && !$("viewer").hidden) await openViewer(entry);
+  $("review-status").textContent = `learned: ${out.marks} mark(s) on site ${out.site}, threshold ${out.threshold.toFixed(3)}`;
 }
 
 // The crack map: every crack pixel in magenta over the photo, and a table of the cracks (sortable)
@@ -207,7 +237,8 @@ function download(name, type, text) {
 }
 
 function rows() {
-  return results.map((e) => ({ filename: e.name, probability: e.probability, label: e.label, error: e.error }));
+  return results.map((e) => ({ filename: e.name, probability: e.probability === null ? null : e.probability.toFixed(6),
+    label: e.label, error: e.error }));
 }
 
 function csvCell(value) {
@@ -233,6 +264,10 @@ $("close").addEventListener("click", () => { $("viewer").hidden = true; });
 for (const th of $("crack-table").tHead.rows[0].cells) {
   th.addEventListener("click", () => { sortKey = th.dataset.key; renderCracks(); });
 }
+$("mark-clean").addEventListener("click", () => { if (viewing) mark(viewing, "no crack"); });
+$("mark-crack").addEventListener("click", () => { if (viewing) mark(viewing, "crack"); });
+$("site").value = localStorage.getItem("crack_site") || "";
+$("site").addEventListener("change", () => { localStorage.setItem("crack_site", site()); });
 $("measure").addEventListener("click", () => { if (viewing) crackMap(viewing); });
 $("viewer").addEventListener("click", (ev) => { if (ev.target === $("viewer")) $("viewer").hidden = true; });
 document.addEventListener("keydown", (ev) => { if (ev.key === "Escape") $("viewer").hidden = true; });
