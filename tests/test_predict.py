@@ -3,9 +3,11 @@ import csv
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from conftest import SAMPLE, run_cli, run_main
+from PIL import Image
 
 
 @pytest.fixture
@@ -44,16 +46,19 @@ def test_predict_folder_with_labels_and_a_broken_file(trained_run, labelled, tmp
 @pytest.mark.ddp
 def test_predict_spread_over_two_processes_writes_the_single_process_csv(trained_run, labelled, tmp_path):
     """--accelerator cpu --devices 2: Lightning DDP, each process a share; one CSV, byte-identical to a
-    single-process run (input order, the unreadable file's row, the sampler's padding not repeated)."""
+    single-process run (input order, the unreadable file's row, the sampler's padding not repeated, a photo
+    answered from its tiles)."""
     (labelled / "Negative" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really")
+    patch = np.asarray(Image.open(next((labelled / "Positive").glob("*.jpg"))).convert("RGB"))
+    Image.fromarray(np.tile(patch, (2, 2, 1))).save(labelled / "Positive" / "photo.png")  # 454 px: a photo
     ckpt = str(trained_run / "model.pt")
     single = run_main("predict.py", "--checkpoint", ckpt, str(labelled), "--output", str(tmp_path / "one.csv"))
     spread = run_cli("predict.py", "--checkpoint", ckpt, str(labelled), "--output", str(tmp_path / "two.csv"),
                      "--accelerator", "cpu", "--devices", "2", "--batch-size", "4", timeout=240)
     assert single.returncode == spread.returncode == 1, spread.stderr[-2000:]  # 1: one file unreadable
     assert (tmp_path / "two.csv").read_bytes() == (tmp_path / "one.csv").read_bytes()
-    assert len(read(tmp_path / "two.csv")) == 13
-    assert "13 image(s)" in spread.stdout and spread.stdout.count("image(s):") == 1  # rank 0 reports, once
+    assert len(read(tmp_path / "two.csv")) == 14
+    assert "14 image(s)" in spread.stdout and spread.stdout.count("image(s):") == 1  # rank 0 reports, once
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "one.csv", "one.metrics.json", "two.csv",
                                                           "two.metrics.json"]  # no shard left behind
     bad = run_main("predict.py", "--checkpoint", ckpt, str(labelled), "--output", str(tmp_path / "x.csv"),

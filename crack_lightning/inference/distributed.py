@@ -23,7 +23,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from crack_lightning.errors import InputError
 from crack_lightning.hardware import no_gpu_hint
-from crack_lightning.inference.predictor import Predictor, Row
+from crack_lightning.inference.predictor import Predictor, Row, is_photo
 
 
 class PredictModule(L.LightningModule):
@@ -49,12 +49,21 @@ class PredictModule(L.LightningModule):
         return batch  # the predictor moves its inputs itself (uint8 to the GPU, or stays on the host for ONNX)
 
     def predict_step(self, batch, batch_idx):
+        """``(index, probability, label)`` of each readable file (a photo's from its tiles, as in one process)."""
         probs = [] if batch.x is None else self.predictor.probabilities(batch.x).tolist()
-        return list(zip(batch.index.tolist(), probs)), batch.errors
+        done, errors = [], list(batch.errors)
+        for i, p in zip(batch.index.tolist(), probs):
+            path = self.paths[i]
+            row = self.predictor.photo_row(path) if is_photo(path) else self.predictor.row(path, p)
+            if row.error:
+                errors.append((i, row.error))
+            else:
+                done.append((i, row.probability, row.label))
+        return done, errors
 
 
 class ShardWriter(BasePredictionWriter):
-    """Each process writes its ``(index, probability)`` and ``(index, error)`` pairs to ``folder``."""
+    """Each process writes its ``(index, probability, label)`` and ``(index, error)`` pairs to ``folder``."""
 
     def __init__(self, folder: Path):
         super().__init__(write_interval="epoch")
@@ -113,13 +122,17 @@ def remove_shards(shard_dir: Path, world_size: int) -> None:
 
 def merge_shards(paths: Sequence[Path], shard_dir: Path, predictor: Predictor, world_size: int) -> list[Row]:
     """One row per path, in input order, from every rank's shard."""
-    probs: dict[int, float] = {}
+    probs: dict[int, tuple[float, str]] = {}
     errors: dict[int, str] = {}
     for rank in range(world_size):
         shard = torch.load(shard_dir / f"rank{rank}.pt", weights_only=True)
-        probs.update(dict(shard["good"]))
+        probs.update({i: (p, label) for i, p, label in shard["good"]})
         errors.update(dict(shard["bad"]))
     missing = [i for i in range(len(paths)) if i not in probs and i not in errors]
     if missing:
         raise RuntimeError(f"{len(missing)} file(s) predicted by no process (first: {paths[missing[0]]})")
-    return [predictor.row(Path(p), probs.get(i), errors.get(i, "")) for i, p in enumerate(paths)]
+    rows = [predictor.row(Path(p), probs[i][0] if i in probs else None, errors.get(i, "")) for i, p in enumerate(paths)]
+    for i, row in enumerate(rows):
+        if i in probs:
+            row.label = probs[i][1]  # as the process that answered it decided (a photo: at the photo model's threshold)
+    return rows

@@ -29,6 +29,12 @@ from crack_lightning.limits import MAX_PIXELS
 from crack_lightning.models.metrics import binary_metrics
 
 
+def is_photo(path: str | Path) -> bool:
+    """Whether the file is a photo (answered from its tiles), by its header; an unreadable file is not."""
+    size = image_size(path)
+    return size is not None and not is_patch(*size)
+
+
 def label_from_path(path: Path, class_names: Sequence[str]) -> int | None:
     """The true class, when a parent folder is named like one of the classes (nearest wins)."""
     for parent in path.parents:
@@ -249,13 +255,13 @@ class Predictor:
         if isinstance(paths, (str, os.PathLike)):  # one path, not its characters
             paths = [paths]
         paths = [Path(p) for p in paths]
-        sizes = [image_size(p) for p in paths]  # headers only: which inputs are photos
-        photo = [s is not None and not is_patch(*s) for s in sizes]
+        photo = [is_photo(p) for p in paths]  # headers only
         patch_rows = self._patch_rows([p for p, ph in zip(paths, photo) if not ph], progress)
-        for path, is_photo in zip(paths, photo):
-            yield self._photo_row(path) if is_photo else next(patch_rows)
+        for path, ph in zip(paths, photo):
+            yield self.photo_row(path) if ph else next(patch_rows)
 
-    def _photo_row(self, path: Path) -> Row:
+    def photo_row(self, path: Path) -> Row:
+        """The row of a photo (:func:`is_photo`): answered from its tiles."""
         from crack_lightning.errors import BadImageError
 
         try:
