@@ -32,6 +32,8 @@ def main() -> int:
     ap.add_argument("--out", default="runs/loso_masks", help="the folds' run folders")
     ap.add_argument("--folds", nargs="*", default=list(FOLDS), choices=list(FOLDS))
     ap.add_argument("--results", default=None, help=RESULTS_HELP)
+    ap.add_argument("--rescore", action="store_true",
+                    help="a finished fold's photo rule chosen again with the current rule (training/segment.py)")
     args, overrides = ap.parse_known_args()
     results = {"hardware": machine(), "overrides": overrides, "folds": {}}
     roots = [str(Path(args.field) / s) for s in SOURCES]
@@ -44,6 +46,17 @@ def main() -> int:
             if subprocess.run(cmd, cwd=ROOT).returncode != 0:
                 return 1
         m = json.loads((run / "metrics.json").read_text())
+        if args.rescore:
+            from crack_lightning.data.segmentation import read_photo_split
+            from crack_lightning.inference.segment import load_segmenter
+            from crack_lightning.training.segment import photo_decision
+
+            import yaml
+
+            model = load_segmenter(run / "model.pt", engine="torch")
+            recipe = yaml.safe_load((run / "config.yaml").read_text())["segment"]["min_crack_px"]
+            model.hparams["min_crack_px"] = recipe  # the saved one is the fold's own choice
+            m["photos_decision"] = photo_decision(model, read_photo_split(run / "split.csv"))
         results["folds"][fold] = {"held_out": FOLDS[fold], "pixel": m["after"]["test"],
                                   "photos": m.get("photos_decision"), "epochs": m.get("epochs_run"),
                                   "wall_time_s": m.get("wall_time_s")}

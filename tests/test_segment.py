@@ -155,6 +155,17 @@ def test_leave_one_source_out_tests_only_the_held_out_sources():
         split_photos(photos, 0.2, 0.2, seed=0, holdout=["gaps"])
 
 
+def test_the_photo_rule_is_chosen_only_where_validation_has_both_kinds_of_photo():
+    """Balanced accuracy picks the shortest crack that separates cracked from crack-free validation photos;
+    with no crack-free one (a fold holding all of them out) nothing can be chosen and the recipe's stays."""
+    from crack_lightning.training.segment import choose_min_length
+
+    val = [(300.0, True), (120.0, True), (80.0, False), (0.0, False), (500.0, True)]
+    assert choose_min_length(val, 40) == (80.5, True)  # every cracked photo kept, no crack-free one flagged
+    assert choose_min_length([(3.0, True), (250.0, True)], 40) == (40.0, False)  # would be 1 px otherwise
+    assert choose_min_length([], 40) == (40.0, False)
+
+
 @pytest.mark.slow
 def test_the_server_and_the_page_show_each_crack(tmp_path):
     """The shipped model through serve.py: POST /v1/segment answers the cracks with length and width (mm with

@@ -8,7 +8,6 @@ test photos, and write the model with them (runs trained before the recipe chose
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 from pathlib import Path
@@ -17,9 +16,9 @@ from crack_lightning.cli.guard import guarded
 
 
 def run(args: argparse.Namespace) -> int:
-    from crack_lightning.data.segmentation import Photo
+    from crack_lightning.data.segmentation import read_photo_split
     from crack_lightning.errors import ConfigError
-    from crack_lightning.files import path_from_csv, write_json
+    from crack_lightning.files import write_json
     from crack_lightning.inference.segment import load_segmenter
     from crack_lightning.models.checkpoint import read_checkpoint, save_release
     from crack_lightning.training.segment import photo_decision
@@ -27,10 +26,7 @@ def run(args: argparse.Namespace) -> int:
     run_dir, out = Path(args.run), Path(args.output)
     if out.exists():
         raise ConfigError(f"{out} exists: choose a new --output file")
-    with open(run_dir / "split.csv", newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    splits = {name: [Photo(path_from_csv(r["image"]), path_from_csv(r["mask"]), r["source"], r["group"])
-                     for r in rows if r["split"] == name] for name in ("train", "val", "test")}
+    splits = read_photo_split(run_dir / "split.csv")
     model = load_segmenter(run_dir / "model.pt", engine="torch")
     pixel = pixel_scores(model, splits)
     decision = photo_decision(model, splits)

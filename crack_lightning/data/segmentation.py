@@ -72,6 +72,18 @@ def split_photos(photos: list[Photo], val_fraction: float, test_fraction: float,
     return out
 
 
+def read_photo_split(path: str | Path) -> dict[str, list[Photo]]:
+    """A segmentation run's ``split.csv`` (image, mask, source, group, split) back as its photo splits."""
+    import csv
+
+    from crack_lightning.files import path_from_csv
+
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    return {name: [Photo(path_from_csv(r["image"]), path_from_csv(r["mask"]), r["source"], r["group"])
+                   for r in rows if r["split"] == name] for name in ("train", "val", "test")}
+
+
 def train_augment(crop: int) -> A.Compose:
     """Random crops at several scales (a crack seen closer or farther), flips and quarter turns, and the
     photometric changes of site photos (light, colour, blur, noise, compression)."""

@@ -117,28 +117,39 @@ def longest_cracks(model, photos: list) -> list[tuple[float, bool]]:
     return out
 
 
+def _balanced(cut: float, pairs) -> float:
+    """Mean of the recall on cracked photos and on crack-free ones (of the kinds present)."""
+    hits = [length >= cut for length, truth in pairs if truth]
+    quiet = [length < cut for length, truth in pairs if not truth]
+    parts = [sum(x) / len(x) for x in (hits, quiet) if x]
+    return sum(parts) / max(len(parts), 1)
+
+
+def choose_min_length(val: list[tuple[float, bool]], default: float) -> tuple[float, bool]:
+    """The shortest crack that flags a photo, by balanced accuracy on ``val`` (longest crack, shows a crack)
+    pairs, the shorter on a tie; and whether it was chosen. A choice needs both kinds of photo: with no
+    crack-free one every cut down to 1 px looks perfect (a leave-one-source-out fold whose crack-free walls
+    are all held out), so ``default`` (the recipe's) stays."""
+    if len({truth for _, truth in val}) < 2:
+        return float(default), False
+    candidates = sorted({1.0, *(max(1.0, length + 0.5) for length, _ in val)})
+    return max(candidates, key=lambda c: (_balanced(c, val), -c)), True
+
+
 def photo_decision(model, splits: dict[str, list]) -> dict:
     """The photo-level answer (a crack at least ``min_crack_px`` long): the length chosen on the validation
-    photos by balanced accuracy (recall on cracked photos and on crack-free ones weigh alike: most photos
-    show cracks, and plain accuracy would trade every false alarm away), the shorter on a tie; then scored
-    on the test photos, crack-free ones apart."""
+    photos by balanced accuracy (:func:`choose_min_length`: most photos show cracks, and plain accuracy would
+    trade every false alarm away); then scored on the test photos, crack-free ones apart."""
     val = longest_cracks(model, splits["val"])
-
-    def balanced(cut: float, pairs) -> float:
-        hits = [length >= cut for length, truth in pairs if truth]
-        quiet = [length < cut for length, truth in pairs if not truth]
-        parts = [sum(x) / len(x) for x in (hits, quiet) if x]
-        return sum(parts) / max(len(parts), 1)
-
-    candidates = sorted({1.0, *(max(1.0, length + 0.5) for length, _ in val)})
-    cut = max(candidates, key=lambda c: (balanced(c, val), -c)) if val else 40.0
+    cut, chosen = choose_min_length(val, model.hparams.get("min_crack_px", 40))
     test = longest_cracks(model, splits["test"])
     clear = [length for length, truth in test if not truth]
     cracked = [length for length, truth in test if truth]
     accuracy = sum((length >= cut) == truth for length, truth in test) / max(len(test), 1)
-    return {"min_crack_px": round(cut, 1), "val_balanced_accuracy": round(balanced(cut, val), 4),
+    return {"min_crack_px": round(cut, 1), "chosen_on": "validation" if chosen else "recipe (validation lacks a kind)",
+            "val_balanced_accuracy": round(_balanced(cut, val), 4),
             "val_photos": len(val), "val_crack_free": sum(not t for _, t in val),
-            "test_accuracy": round(accuracy, 4), "test_balanced_accuracy": round(balanced(cut, test), 4),
+            "test_accuracy": round(accuracy, 4), "test_balanced_accuracy": round(_balanced(cut, test), 4),
             "test_photos": len(test), "test_recall": round(sum(x >= cut for x in cracked) / max(len(cracked), 1), 4),
             "test_crack_free": len(clear),
             "test_false_alarms": round(sum(x >= cut for x in clear) / max(len(clear), 1), 4)}
