@@ -143,3 +143,11 @@ def start_server(*args: str) -> tuple[subprocess.Popen, str]:
     raise AssertionError("server did not come up")
 
 
+def chromium() -> str:
+    """Debian's chromium, which the browser tests drive through Playwright (``executable_path``)."""
+    import shutil
+
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not path:
+        pytest.fail("the browser tests need Debian's chromium (apt-get install chromium); .ci/run installs it")
+    return path

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import SAMPLE, run_main, start_server
+from conftest import SAMPLE, chromium, run_main, start_server
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -71,15 +71,6 @@ def test_marks_refit_the_site_and_are_logged(photos, tmp_path):
         assert c.delete("/v1/sites/bridge-7", params={"who": "ann"}).json()["marks"] == 0
         assert c.get("/v1/sites/bridge-7").json()["log"][-1]["event"] == "reset"
         assert c.get("/v1/sites/bridge-7/model").status_code == 404
-
-
-def chromium() -> str:
-    import shutil
-
-    path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if not path:
-        pytest.fail("the browser test needs Debian's chromium (apt-get install chromium); .ci/run installs it")
-    return path
 
 
 def page_answers(pw, url: str, photos: list[Path], marks: bool = False) -> list[list[str]]:

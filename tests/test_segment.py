@@ -178,7 +178,7 @@ def test_the_server_and_the_page_show_each_crack(tmp_path):
     import httpx
     from conftest import start_server
     from playwright.sync_api import sync_playwright
-    from test_server import chromium
+    from conftest import chromium
 
     patches = [np.asarray(Image.open(p).convert("RGB")) for p in sorted((SAMPLE / "Positive").glob("*.jpg"))[:4]]
     photo = tmp_path / "wall.png"  # four crack patches: several separate cracks

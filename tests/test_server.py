@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import shutil
 import socket
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import ROOT, SAMPLE, start_server
+from conftest import ROOT, SAMPLE, chromium, start_server
 from PIL import Image
 
 KEY = "s3cret"
@@ -179,13 +178,6 @@ def test_localize_matches_predict_py_tiling(server, reference, tmp_path):
     assert heat.mode == "RGBA" and heat.size == (600, 300)
     alpha = np.asarray(heat)[..., 3]
     assert alpha[:, :200].mean() > alpha[:, 400:].mean()  # the veil lies over the cracked half
-
-
-def chromium() -> str:
-    path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if not path:
-        pytest.fail("the browser test needs Debian's chromium (apt-get install chromium); .ci/run installs it")
-    return path
 
 
 @pytest.mark.slow
