@@ -176,9 +176,8 @@ def test_the_server_and_the_page_show_each_crack(tmp_path):
     import io
 
     import httpx
-    from conftest import start_server
+    from conftest import chromium, start_server
     from playwright.sync_api import sync_playwright
-    from conftest import chromium
 
     patches = [np.asarray(Image.open(p).convert("RGB")) for p in sorted((SAMPLE / "Positive").glob("*.jpg"))[:4]]
     photo = tmp_path / "wall.png"  # four crack patches: several separate cracks
