@@ -73,10 +73,9 @@ def test_marks_refit_the_site_and_are_logged(photos, tmp_path):
         assert c.get("/v1/sites/bridge-7/model").status_code == 404
 
 
-def page_answers(pw, url: str, photos: list[Path], marks: bool = False) -> list[list[str]]:
+def page_answers(browser, url: str, photos: list[Path], marks: bool = False) -> list[list[str]]:
     """Open the page on site bridge-7, drop the photos, (with ``marks``: mark each as no crack in the
     viewer), and return the table's rows as the page's CSV download writes them."""
-    browser = pw.chromium.launch(executable_path=chromium(), args=["--headless", "--no-sandbox", "--disable-gpu"])
     page = browser.new_page(viewport={"width": 1100, "height": 800})
     page.goto(url + "/")
     page.wait_for_function("document.getElementById('model').textContent.startsWith('model ')")
@@ -103,7 +102,7 @@ def page_answers(pw, url: str, photos: list[Path], marks: bool = False) -> list[
     with page.expect_download() as dl:
         page.click("#csv")
     rows = list(csv.reader(io.StringIO(Path(dl.value.path()).read_text())))[1:]
-    browser.close()
+    page.close()
     return rows
 
 
@@ -115,10 +114,11 @@ def test_page_review_loop_survives_a_restart_and_exports(photos, tmp_path):
 
     sites = tmp_path / "sites"
     with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium(), args=["--headless", "--no-sandbox", "--disable-gpu"])
         for restart in (False, True):
             proc, url = start_server("--sites", str(sites), "--segment-checkpoint", "none")
             try:
-                rows = page_answers(pw, url, photos, marks=not restart)
+                rows = page_answers(browser, url, photos, marks=not restart)
                 if restart:
                     model = tmp_path / "bridge-7.pt"
                     model.write_bytes(httpx.get(url + "/v1/sites/bridge-7/model", timeout=60).content)
@@ -126,6 +126,7 @@ def test_page_review_loop_survives_a_restart_and_exports(photos, tmp_path):
                 proc.terminate()
                 proc.wait(timeout=30)
             assert [r[2] for r in rows] == ["Negative", "Negative"]
+        browser.close()
     assert run_main("predict.py", "--model", str(model), *map(str, photos), "--output",
                     str(tmp_path / "p.csv")).returncode == 0
     exported = [[Path(r["path"]).name, r["probability"], r["label"]] for r in csv.DictReader(open(tmp_path / "p.csv"))]
