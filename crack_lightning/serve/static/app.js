@@ -209,9 +209,8 @@ async function crackMap(entry) {
     id: c.id, length: mm ? c.length_mm : c.length_px, max_width: mm ? c.max_width_mm : c.max_width_px,
     mean_width: mm ? c.mean_width_mm : c.mean_width_px, severity: c.severity || "", unit: mm ? "mm" : "px",
   }));
-  $("crack-status").textContent = `${seg.cracks.length} crack(s) traced; ` +
-    (seg.crack ? "this photo shows a crack" : `none long enough to count (${seg.min_crack_px} px)`) +
-    " (magenta on the photo)";
+  // a measurement of what is there, not a second verdict: the photo's answer is the table's (its tiles)
+  $("crack-status").textContent = `${seg.cracks.length} crack(s) traced and measured (magenta on the photo)`;
   renderCracks();
 }
 
