@@ -23,7 +23,8 @@ SERVER_MAX_UPLOAD_MB = 50.0  # one request's body
 SERVER_MAX_PIXELS = 60_000_000  # one image of a request: a 12 MP photo is 12,000,000
 SERVER_MAX_QUEUE = 512  # images waiting for the model across all requests
 SERVER_MAX_BATCH = 32  # images the model runs at once
-SERVER_MAX_TILES = 20_000  # tiles of one /v1/localize request (a 12 MP photo at 227 px, 50 % overlap: ~1,000)
+SERVER_MAX_TILES = 20_000  # tiles of one /v1/localize, /v1/predict photo or mark request (a 12 MP photo at 227 px, 50 % overlap: ~1,000)
+SITE_MAX_FEATURES = 50_000  # marked tiles one site profile keeps (1,280 fp16 numbers each: 128 MB on disk)
 SERVER_SHUTDOWN_S = 3  # seconds a stopping server (SIGTERM, Ctrl+C) gives open requests before calling them off
 
 

@@ -47,11 +47,11 @@ def main() -> int:
                 return 1
         m = json.loads((run / "metrics.json").read_text())
         if args.rescore:
+            import yaml
+
             from crack_lightning.data.segmentation import read_photo_split
             from crack_lightning.inference.segment import load_segmenter
             from crack_lightning.training.segment import photo_decision
-
-            import yaml
 
             model = load_segmenter(run / "model.pt", engine="torch")
             recipe = yaml.safe_load((run / "config.yaml").read_text())["segment"]["min_crack_px"]

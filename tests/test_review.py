@@ -52,6 +52,15 @@ def test_marks_refit_the_site_and_are_logged(photos, tmp_path):
         after = c.post("/v1/localize", params={"site": "bridge-7"}, files=up(photos[0])).json()
         marked = next(t for t in after["tiles"] if all(t[k] == box[k] for k in box))
         assert marked["probability"] < after["threshold"]  # the marked tile is silenced
+        import crack_lightning.inference.sites as sites_module
+
+        limit = sites_module.SITE_MAX_FEATURES
+        sites_module.SITE_MAX_FEATURES = 50  # a photo mark stores 80 tiles (224 + 112 px) of this 454 px photo
+        try:
+            full = c.post("/v1/sites/bridge-7/marks", params={"label": "no crack"}, files=up(photos[1]))
+            assert full.status_code == 400 and "holds 1 marked tiles; at most 50" in full.json()["error"]
+        finally:
+            sites_module.SITE_MAX_FEATURES = limit
         c.post("/v1/sites/bridge-7/marks", params={"label": "no crack", "who": "bob"}, files=up(photos[1]))
         assert c.post("/v1/predict", params={"site": "bridge-7"}, files=[("files", f[1]) for f in up(photos[1])]
                       ).json()["results"][0]["label"] == "Negative"

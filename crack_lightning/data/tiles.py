@@ -193,6 +193,11 @@ def tile_count(width: int, height: int, tile: int, stride: int) -> int:
     return len(tile_origins(width, tile, stride)) * len(tile_origins(height, tile, stride))
 
 
+def photo_tile_count(width: int, height: int, sides, stride: int = 0) -> int:
+    """How many tiles a photo makes at every side in ``sides`` (each overlapping by half, or ``stride``)."""
+    return sum(tile_count(width, height, t, stride or max(1, t // 2)) for t in sides)
+
+
 def iter_tiles(width: int, height: int, tile: int, stride: int) -> Iterator[Tile]:
     for y in tile_origins(height, tile, stride):
         for x in tile_origins(width, tile, stride):

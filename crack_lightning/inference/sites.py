@@ -25,9 +25,11 @@ from typing import Any
 import torch
 from filelock import FileLock
 
+from crack_lightning.data.tiles import photo_tile_count
 from crack_lightning.errors import InputError
 from crack_lightning.files import atomic_write
 from crack_lightning.inference.calibrate import site_threshold
+from crack_lightning.limits import SERVER_MAX_TILES, SITE_MAX_FEATURES
 from crack_lightning.models.anchors import linear_head, refit_linear
 
 SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -67,7 +69,7 @@ class SiteProfiles:
         marks = _lines(folder / "marks.jsonl")
         model = folder / "model.pt"
         threshold = float(torch.load(model, weights_only=True)["threshold"]) if model.is_file() else None
-        return {"site": site, "marks": len(marks), "no_crack": sum(m["label"] == "no crack" for m in marks),
+        return {"site": site, "marks": len(marks), "tiles": sum(m.get("features", 0) for m in marks), "no_crack": sum(m["label"] == "no crack" for m in marks),
                 "crack": sum(m["label"] == "crack" for m in marks), "refitted": model.is_file(), "threshold": threshold}
 
     def log(self, site: str) -> list[dict]:
@@ -99,6 +101,14 @@ class SiteProfiles:
         if label not in LABELS:
             raise InputError(f"label must be one of {', '.join(LABELS)}, got {label!r}")
         folder = self.folder(site)
+        count = 1 if box else photo_tile_count(image.shape[1], image.shape[0], self._torch.photo_tiles)
+        if count > SERVER_MAX_TILES:
+            raise InputError(f"this {image.shape[1]}x{image.shape[0]} photo makes {count:,} tiles; a mark takes at "
+                             f"most {SERVER_MAX_TILES:,}: mark a tile of it, or a smaller photo")
+        held = self.summary(site)["tiles"]
+        if held + count > SITE_MAX_FEATURES:
+            raise InputError(f"site {site} holds {held:,} marked tiles; at most {SITE_MAX_FEATURES:,}: reset it "
+                             "(DELETE /v1/sites/NAME) or start another site")
         head = linear_head(self._torch.model)
         feats: list[torch.Tensor] = []
         hook = head.register_forward_hook(lambda _m, inp, _o: feats.append(inp[0].detach().float().cpu()))

@@ -24,7 +24,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from crack_lightning.data.images import decode_image, image_size
-from crack_lightning.data.tiles import is_patch, tile_count
+from crack_lightning.data.tiles import is_patch, photo_tile_count
 from crack_lightning.errors import BadImageError, Stopped
 from crack_lightning.inference.localize import heat_layer_png, localize_array
 from crack_lightning.inference.segment import segment_array
@@ -206,7 +206,7 @@ def create_app(predictor, *, segmenter=None, sites=None, api_key: str | None = N
         """Refuses a photo whose tiles would be more work than one request may ask for, before it starts."""
         def check(image):
             sides = [tile] if tile else list(by.photo_tiles)
-            count = sum(tile_count(image.shape[1], image.shape[0], t, stride or t // 2) for t in sides)
+            count = photo_tile_count(image.shape[1], image.shape[0], sides, stride)
             if count > SERVER_MAX_TILES:
                 return _error(400, f"tiles of {'/'.join(map(str, sides))} px make {count:,} tiles of this "
                                    f"{image.shape[1]}x{image.shape[0]} photo; at most {SERVER_MAX_TILES:,}: "
