@@ -125,6 +125,23 @@ def test_onnx_runtime_gives_the_same_crack_map_as_pytorch(seg_run):
     assert eager.shape == (300, 700) and np.abs(eager - onnx).max() < 1e-4
 
 
+def test_a_cached_onnx_export_starts_without_building_the_network(seg_run, monkeypatch):
+    """The second start of a release file in ONNX Runtime reads its stored contract and the cached export:
+    no network is built (most of a one-photo start-up)."""
+    import crack_lightning.models.segmentation as segmentation
+    from crack_lightning.inference.segment import load_segmenter
+
+    _, run = seg_run
+    first = load_segmenter(run / "model.pt", engine="onnx")  # exports (or finds the export) once
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a network was built")
+
+    monkeypatch.setattr(segmentation.CrackSegNet, "__init__", refuse)
+    again = load_segmenter(run / "model.pt", engine="onnx")
+    assert again.threshold == first.threshold and again.hparams["min_crack_px"] == first.hparams["min_crack_px"]
+
+
 def test_a_segmentation_model_exports_to_onnx_with_its_contract(seg_run, tmp_path):
     import onnxruntime as ort
 

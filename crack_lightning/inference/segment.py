@@ -39,10 +39,11 @@ class _Probabilities(torch.nn.Module):
 
 
 class OnnxSegmenter:
-    """A segmentation network run by ONNX Runtime (on a CPU 2-3x PyTorch eager, tested equal to ~1e-4): the
-    export is cached by the model file's bytes, so a second start builds no network."""
+    """A segmentation network run by ONNX Runtime (on a CPU 2-3x PyTorch eager, tested equal to ~1e-4). The
+    export is cached by the model file's bytes: ``build()`` (the PyTorch network) runs only when no export of
+    these bytes is cached yet, so a second start builds no network."""
 
-    def __init__(self, path: Path, model):
+    def __init__(self, path: Path, pre, threshold: float, hparams: dict, build):
         from crack_lightning.models.runtime import (
             cached_export,
             exported,
@@ -50,8 +51,8 @@ class OnnxSegmenter:
             session,
         )
 
-        self.pre, self.threshold, self.hparams = model.pre, model.threshold, model.hparams
-        data = cached_export(file_key(path, "segment", 64), lambda: exported(_Probabilities(model.net).eval(), 64,
+        self.pre, self.threshold, self.hparams = pre, float(threshold), hparams
+        data = cached_export(file_key(path, "segment", 64), lambda: exported(_Probabilities(build().net).eval(), 64,
                                                                              dense=True))
         self.session = session(data)
 
@@ -62,28 +63,39 @@ class OnnxSegmenter:
 def load_segmenter(path: str | Path, device: str = "cpu", engine: str = "torch"):
     """A segmentation model file (``train.py --config configs/segment.yaml``'s ``model.pt`` or a ``.ckpt``),
     run by ``engine`` (``auto``: ONNX Runtime on a CPU, PyTorch on a GPU)."""
-    from crack_lightning.models.checkpoint import float_weights, read_checkpoint
+    from crack_lightning.models.checkpoint import (
+        check_threshold,
+        float_weights,
+        read_checkpoint,
+        stored_preprocessing,
+    )
+    from crack_lightning.models.runtime import use_onnx
     from crack_lightning.models.segmentation import CrackSegNet, segnet_arguments
 
     ckpt = read_checkpoint(path)
     if ckpt.get("task") != "segment":
         raise CheckpointError(f"{path} is not a segmentation model (a crack classifier?): give --checkpoint a "
                               "model trained with task: segment")
-    hp = {k: v for k, v in ckpt["hyper_parameters"].items() if k in segnet_arguments()}
-    model = CrackSegNet(**{**hp, "pretrained": "none", "weights_file": None})
-    try:
-        model.load_state_dict(float_weights(ckpt["state_dict"]))
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path}: its weights do not fit its stated architecture") from exc
-    model.on_load_checkpoint(ckpt)
-    from crack_lightning.models.checkpoint import check_threshold
 
+    def build():
+        hp = {k: v for k, v in ckpt["hyper_parameters"].items() if k in segnet_arguments()}
+        model = CrackSegNet(**{**hp, "pretrained": "none", "weights_file": None})
+        try:
+            model.load_state_dict(float_weights(ckpt["state_dict"]))
+        except RuntimeError as exc:
+            raise CheckpointError(f"{path}: its weights do not fit its stated architecture") from exc
+        model.on_load_checkpoint(ckpt)
+        return model.eval()
+
+    stored = stored_preprocessing(ckpt, path) if use_onnx(engine, device) else None
+    if stored is not None:  # a release file: what the export needs is stored beside the weights
+        pre, threshold = stored
+        return OnnxSegmenter(Path(path), pre, check_threshold(threshold, path), dict(ckpt["hyper_parameters"]), build)
+    model = build()
     check_threshold(float(model.threshold), path)
-    from crack_lightning.models.runtime import use_onnx
-
     if use_onnx(engine, device):
-        return OnnxSegmenter(Path(path), model.eval())
-    return model.eval().to(device)
+        return OnnxSegmenter(Path(path), model.pre, float(model.threshold), model.hparams, lambda: model)
+    return model.to(device)
 
 
 @dataclass

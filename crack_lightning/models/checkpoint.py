@@ -107,9 +107,18 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", trainable: 
 def stored_contract(ckpt: dict[str, Any], where: str | Path) -> tuple[Preprocessing, list[str], float] | None:
     """What prediction needs of a checkpoint without building its network: the preprocessing, the class
     names and the threshold, each checked (``None`` when the file stores no preprocessing)."""
-    if not isinstance(ckpt.get("preprocessing"), dict):
+    stored = stored_preprocessing(ckpt, where)
+    if stored is None:
         return None
     kwargs = check_hparams(dict(ckpt["hyper_parameters"]), where)
+    return stored[0], list(kwargs.get("class_names", ("Negative", "Positive"))), stored[1]
+
+
+def stored_preprocessing(ckpt: dict[str, Any], where: str | Path) -> tuple[Preprocessing, float] | None:
+    """Any model file's (classifier or segmentation) stored preprocessing and threshold, checked; ``None`` when
+    it stores no preprocessing (a training ``.ckpt``: the network must be built)."""
+    if not isinstance(ckpt.get("preprocessing"), dict):
+        return None
     try:
         pre = Preprocessing.from_dict(ckpt["preprocessing"])
     except (KeyError, TypeError, ValueError) as exc:
@@ -119,7 +128,7 @@ def stored_contract(ckpt: dict[str, Any], where: str | Path) -> tuple[Preprocess
     threshold = ckpt["state_dict"].get("threshold")
     if not isinstance(threshold, torch.Tensor) or threshold.numel() != 1:
         raise CheckpointError(f"{where}: no decision threshold stored")
-    return pre, list(kwargs.get("class_names", ("Negative", "Positive"))), threshold.item()
+    return pre, threshold.item()
 
 
 def model_from(ckpt: dict[str, Any], path: str | Path, device: str | torch.device = "cpu",
