@@ -65,6 +65,8 @@ def main() -> int:
     ap.add_argument("--mine", type=float, default=0.5, help="a crack-free tile scoring at least this x the threshold is hard")
     ap.add_argument("--share", type=float, default=0.5, help="weight of the mined tiles against the anchors")
     ap.add_argument("--recall", type=float, default=0.97, help="cracked validation photos the threshold keeps")
+    ap.add_argument("--unseen", nargs="*", default=[], metavar="SOURCE",
+                    help="sources whose training tiles are not mined (is what it learns of walls true of walls unseen?)")
     ap.add_argument("--results", default=None, help=RESULTS_HELP)
     args = ap.parse_args()
     from crack_lightning.inference.predictor import Predictor
@@ -93,7 +95,7 @@ def main() -> int:
         args.cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save(data, args.cache)
     prob = lambda x, w, b: torch.sigmoid(x.float() @ w.T + b).squeeze(1)  # noqa: E731
-    train = [(x, y) for s, x, y, _ in data.values() if s == "train"]
+    train = [(x, y) for p, (s, x, y, _) in data.items() if s == "train" and Path(p).parts[-3] not in args.unseen]
     xs = torch.cat([x for x, _ in train])
     ys = torch.cat([y for _, y in train])
     scores = prob(xs, w0, b0)
@@ -135,7 +137,7 @@ def main() -> int:
         table.append(f"| {key} | {n} | {kb / n:.0%} ({kb}) | {kt / n:.0%} ({kt}) | **{ka / n:.0%}** ({ka}) |")
     md = [f"# Hard negatives: the field model's head refitted ({describe(results['hardware'])})", "",
           f"{int(hard.sum())} crack-free training tiles the model scored >= {args.mine} x its threshold, {len(cracks)} "
-          f"crack tiles, share {args.share}; threshold {t0:.3f} -> {threshold:.3f} (keeps {args.recall:.0%} of the "
+          f"crack tiles, share {args.share}{'; not mined: ' + ', '.join(args.unseen) if args.unseen else ''}; threshold {t0:.3f} -> {threshold:.3f} (keeps {args.recall:.0%} of the "
           "cracked validation photos). Test photos of the field model's split, flagged (any tile at the threshold):",
           f"'threshold only': the model as it was at the threshold chosen the same way ({results['threshold_only']:.3f}).",
           "", "| source / photos show | n | before | threshold only | after (refit + threshold) |", "|---|---|---|---|---|",

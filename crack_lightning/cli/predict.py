@@ -263,8 +263,11 @@ def _summarise(rows: list, predictor, out: Path, args) -> int:
     errors = [r for r in rows if r.error]
     names = predictor.class_names
     positives = sum(r.label == names[1] for r in rows)
+    photos = predictor.photo_threshold
+    thresholds = f"threshold {predictor.threshold:.3f}" if photos is None or photos == predictor.threshold \
+        else f"thresholds: {predictor.threshold:.3f} patches, {photos:.3f} photos' tiles"
     print(f"{len(rows)} image(s): {positives} {names[1]}, {len(rows) - positives - len(errors)} "
-          f"{names[0]}, {len(errors)} unreadable (threshold {predictor.threshold:.3f}) -> {out}")
+          f"{names[0]}, {len(errors)} unreadable ({thresholds}) -> {out}")
     metrics = compare(rows, names, predictor.threshold)
     if metrics:
         print(f"vs folder labels ({metrics['n']} images): accuracy {metrics['acc']:.4f}  precision "

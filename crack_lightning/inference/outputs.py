@@ -14,8 +14,9 @@ from crack_lightning.errors import InputError
 
 RELEASE_NAME = "crack_lite0.pt"
 # the shipped classifiers by short name (``--model NAME``); "site", the default, answers a patch with the
-# Mendeley model and a photo from the field model's tiles (docs/models.md)
+# Mendeley model and a photo from the tiles of the photo model (models/README.md)
 MODELS = {"mendeley": RELEASE_NAME, "field": "crack_lite0_field.pt"}
+PHOTO_MODEL = "crack_lite0_site.pt"  # the field model with hard negatives and a photo-level threshold
 DEFAULT_MODEL = "site"
 MODEL_NAMES = (DEFAULT_MODEL, *MODELS)
 
@@ -36,7 +37,7 @@ def model_files(choice: str | Path | None) -> tuple[Path, Path]:
     (then both). A name never shadows a file: ``./field`` is the file."""
     text = str(choice) if choice else DEFAULT_MODEL
     if text == DEFAULT_MODEL:
-        return DEFAULT_CHECKPOINT, DEFAULT_CHECKPOINT.with_name(MODELS["field"])
+        return DEFAULT_CHECKPOINT, DEFAULT_CHECKPOINT.with_name(PHOTO_MODEL)
     if text in MODELS and not Path(text).exists():
         return (DEFAULT_CHECKPOINT.with_name(MODELS[text]),) * 2
     return (Path(choice),) * 2

@@ -162,6 +162,11 @@ class Predictor:
         return self._photos
 
     @property
+    def photo_threshold(self) -> float | None:
+        """The threshold photos' tiles were held to, once a photo was answered (None before)."""
+        return None if self._photos is None else float(self._photos.threshold)
+
+    @property
     def name(self) -> str:
         """What the outputs name as the model: the file, or both files of a combined choice."""
         if self._photo_file == self.checkpoint:
@@ -257,8 +262,14 @@ class Predictor:
         paths = [Path(p) for p in paths]
         photo = [is_photo(p) for p in paths]  # headers only
         patch_rows = self._patch_rows([p for p, ph in zip(paths, photo) if not ph], progress)
-        for path, ph in zip(paths, photo):
-            yield self.photo_row(path) if ph else next(patch_rows)
+        bar = self.progress if progress is None else progress
+        with tqdm(total=sum(photo), desc="photos (tiles)", unit="photo", disable=not bar or not any(photo)) as done:
+            for path, ph in zip(paths, photo):
+                if ph:
+                    yield self.photo_row(path)
+                    done.update()
+                else:
+                    yield next(patch_rows)
 
     def photo_row(self, path: Path) -> Row:
         """The row of a photo (:func:`is_photo`): answered from its tiles."""
