@@ -36,7 +36,7 @@ def predict_parser():
         prog="predict.py", description="Predict crack / no crack for image files, folders (recursive) and globs.")
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="image files, folders or glob patterns")
     p.add_argument("--model", "--checkpoint", dest="checkpoint", default=None, metavar="NAME|FILE",
-                   help="a shipped model: site (default: the Mendeley model for patches, the field model's tiles for "
+                   help="a shipped model: site (default: the Mendeley model for patches, the photo model's tiles for "
                         "larger photos), field or mendeley; or a file: .pt release, .ckpt checkpoint, exported .onnx")
     p.add_argument("--output", default=None,
                    help="CSV to write (default predictions.csv); with --localize/--explain a folder")

@@ -81,7 +81,7 @@ class Predictor:
     """A loaded model (PyTorch checkpoint or exported ONNX) with its threshold and preprocessing.
 
     ``checkpoint``: a file, or a shipped model's short name (:data:`~crack_lightning.inference.outputs.MODEL_NAMES`;
-    default ``site``: patches by the Mendeley model, photos by the field model's tiles). ``photos`` is the
+    default ``site``: patches by the Mendeley model, photos by the photo model's tiles). ``photos`` is the
     predictor whose tiles answer photos (itself for a single file)."""
 
     checkpoint: str | Path | None = None
