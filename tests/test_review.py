@@ -62,13 +62,16 @@ def test_marks_refit_the_site_and_are_logged(photos, tmp_path):
         finally:
             sites_module.SITE_MAX_FEATURES = limit
         c.post("/v1/sites/bridge-7/marks", params={"label": "no crack", "who": "bob"}, files=up(photos[1]))
+        crack = c.post("/v1/sites/bridge-7/marks", params={"label": "crack", "who": "bob"}, files=up(photos[0]))
+        assert crack.json()["crack_marks"] == 1  # a whole photo marked crack: its 4 most crack-like tiles
         assert c.post("/v1/predict", params={"site": "bridge-7"}, files=[("files", f[1]) for f in up(photos[1])]
                       ).json()["results"][0]["label"] == "Negative"
         assert c.post("/v1/predict", files=[("files", f[1]) for f in up(photos[1])]
                       ).json()["results"][0]["label"] == "Positive"  # without the site: the server's own model
         profile = c.get("/v1/sites/bridge-7").json()
         assert [(e["event"], e.get("who")) for e in profile["log"]] == \
-            [("mark", "ann"), ("refit", "ann"), ("mark", "bob"), ("refit", "bob")]
+            [("mark", "ann"), ("refit", "ann"), ("mark", "bob"), ("refit", "bob"), ("mark", "bob"), ("refit", "bob")]
+        assert profile["log"][4]["features"] == 4 and profile["tiles"] == 1 + 80 + 4
         assert profile["log"][0]["tile"] == list(box.values()) and profile["log"][2]["photo"] == "wall_b.png"
         assert [s["site"] for s in c.get("/v1/sites").json()["sites"]] == ["bridge-7"]
         assert c.get("/v1/sites/bridge-7/model").content[:2] == b"PK"  # a torch file

@@ -1,6 +1,7 @@
 """Site profiles: an inspector's marks on one site's photos, and the photo model refitted on them.
 
-An inspector marks a photo, or one tile of it, as "crack" or "no crack". Each mark stores the photo
+An inspector marks a photo, or one tile of it, as "crack" or "no crack" (a whole photo marked "crack"
+stands for its most crack-like tiles: where the crack is, it does not say). Each mark stores the photo
 model's features of what was marked (the head's inputs, as :mod:`~crack_lightning.inference.calibrate`
 reads them), so a refit never needs the photo again. After every mark the head is refitted on all the site's
 marks plus the training anchors the model file carries (:func:`~crack_lightning.models.anchors.refit_linear`),
@@ -34,6 +35,7 @@ from crack_lightning.models.anchors import linear_head, refit_linear
 
 SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 LABELS = ("no crack", "crack")
+CRACK_PHOTO_TILES = 4  # a whole photo marked "crack" teaches its this many most crack-like tiles
 
 
 def check_site(name: str) -> str:
@@ -114,7 +116,7 @@ class SiteProfiles:
         hook = head.register_forward_hook(lambda _m, inp, _o: feats.append(inp[0].detach().float().cpu()))
         try:
             if box is None:
-                localize_array(image, self._torch, 0, None, name)  # every tile of the photo
+                loc = localize_array(image, self._torch, 0, None, name)  # every tile of the photo
             else:
                 x, y, w, h = box
                 if w < 8 or h < 8 or x < 0 or y < 0 or x + w > image.shape[1] or y + h > image.shape[0]:
@@ -124,6 +126,11 @@ class SiteProfiles:
         finally:
             hook.remove()
         x_new = torch.cat(feats)
+        if box is None and label == "crack":
+            # "this photo shows a crack" says not where: its most crack-like tiles stand for it (a click on the
+            # crack, a tile mark, says where)
+            top = torch.tensor([t.probability for t in loc.tiles]).argsort(descending=True)[:CRACK_PHOTO_TILES]
+            x_new = x_new[top]
         y_new = torch.full((len(x_new),), float(LABELS.index(label)))
         folder.mkdir(parents=True, exist_ok=True)
         with FileLock(str(folder / ".lock")):

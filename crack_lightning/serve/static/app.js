@@ -138,6 +138,15 @@ async function openViewer(entry) {
   }
   $("heat").src = `data:image/png;base64,${loc.heatmap_png}`;
   const svg = $("tiles");
+  svg.onclick = (ev) => {  // a click off the outlined tiles: "a crack is here" (the 112 px tile around it)
+    if (ev.target !== svg || !sites || !site()) return;
+    const box = svg.getBoundingClientRect();
+    const side = Math.min(112, loc.width, loc.height);
+    const cx = ((ev.clientX - box.left) / box.width) * loc.width, cy = ((ev.clientY - box.top) / box.height) * loc.height;
+    const x = Math.round(Math.min(Math.max(cx - side / 2, 0), loc.width - side));
+    const y = Math.round(Math.min(Math.max(cy - side / 2, 0), loc.height - side));
+    mark(entry, "crack", { x, y, width: side, height: side });
+  };
   svg.setAttribute("viewBox", `0 0 ${loc.width} ${loc.height}`);
   svg.setAttribute("preserveAspectRatio", "none");
   for (const t of loc.tiles.filter((t) => t.probability >= loc.threshold)) {
