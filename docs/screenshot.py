@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Make docs/server_page.png: the page after dropping sample patches, with one photo opened in the viewer
-(its crack tiles, its crack map and the table of its cracks in mm).
+(its answer, its crack tiles, the review marks, its crack map and the table of its cracks in mm).
 
     python docs/screenshot.py          # needs Debian's chromium (apt-get install chromium)
 
@@ -36,7 +36,10 @@ def main() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "serve.py", "--port", str(port)], cwd=ROOT)
+    import tempfile
+
+    sites = tempfile.mkdtemp(prefix="sites_")  # the review loop on, with no site's marks of earlier runs
+    server = subprocess.Popen([sys.executable, "serve.py", "--port", str(port), "--sites", sites], cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(600):
@@ -50,6 +53,9 @@ def main() -> int:
                 "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"])
             page = browser.new_page(viewport={"width": 1100, "height": 1300})
             page.goto(url + "/")
+            page.wait_for_function("!document.getElementById('site-box').hidden")
+            page.fill("#site", "bridge-7")  # an inspector's site: the viewer offers the marks
+            page.dispatch_event("#site", "change")
             page.evaluate("""(files) => {
                 const dt = new DataTransfer();
                 for (const f of files) dt.items.add(new File([Uint8Array.from(atob(f.b64), (c) => c.charCodeAt(0))],
