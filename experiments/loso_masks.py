@@ -33,7 +33,8 @@ def main() -> int:
     ap.add_argument("--folds", nargs="*", default=list(FOLDS), choices=list(FOLDS))
     ap.add_argument("--results", default=None, help=RESULTS_HELP)
     ap.add_argument("--rescore", action="store_true",
-                    help="a finished fold's photo rule chosen again with the current rule (training/segment.py)")
+                    help="a finished fold whose photo rule was chosen on validation photos of one kind only: chosen again "
+                         "with the current rule (training/segment.py)")
     args, overrides = ap.parse_known_args()
     results = {"hardware": machine(), "overrides": overrides, "folds": {}}
     roots = [str(Path(args.field) / s) for s in SOURCES]
@@ -46,7 +47,7 @@ def main() -> int:
             if subprocess.run(cmd, cwd=ROOT).returncode != 0:
                 return 1
         m = json.loads((run / "metrics.json").read_text())
-        if args.rescore:
+        if args.rescore and not (m.get("photos_decision") or {}).get("val_crack_free"):  # chosen on one kind only
             import yaml
 
             from crack_lightning.data.segmentation import read_photo_split
