@@ -51,12 +51,18 @@ class SiteProfiles:
     :class:`~crack_lightning.inference.predictor.Predictor`); ``patches`` answers patch-sized inputs."""
 
     def __init__(self, root: str | Path, base, patches=None):
-        from crack_lightning.inference.predictor import Predictor
-
         self.root, self.base, self.patches = Path(root), base, patches
-        self._torch = Predictor(base.checkpoint, engine="torch", num_workers=0)  # features for marks
+        self._features = None  # the photo model in PyTorch, whose head's inputs a mark stores (built at the first mark)
         self._loaded: dict[str, tuple[float, Any]] = {}
         self._lock = threading.Lock()
+
+    @property
+    def _torch(self):
+        from crack_lightning.inference.predictor import Predictor
+
+        if self._features is None:
+            self._features = Predictor(self.base.checkpoint, engine="torch", num_workers=0)
+        return self._features
 
     def folder(self, site: str) -> Path:
         return self.root / check_site(site)
@@ -70,7 +76,8 @@ class SiteProfiles:
         folder = self.folder(site)
         marks = _lines(folder / "marks.jsonl")
         model = folder / "model.pt"
-        threshold = float(torch.load(model, weights_only=True)["threshold"]) if model.is_file() else None
+        refits = [e for e in _lines(folder / "log.jsonl") if e.get("event") == "refit"]
+        threshold = refits[-1]["threshold"] if model.is_file() and refits else None  # the file's, as its refit logged it
         return {"site": site, "marks": len(marks), "tiles": sum(m.get("features", 0) for m in marks), "no_crack": sum(m["label"] == "no crack" for m in marks),
                 "crack": sum(m["label"] == "crack" for m in marks), "refitted": model.is_file(), "threshold": threshold}
 
