@@ -47,7 +47,10 @@ def main() -> int:
             if subprocess.run(cmd, cwd=ROOT).returncode != 0:
                 return 1
         m = json.loads((run / "metrics.json").read_text())
-        if args.rescore and not (m.get("photos_decision") or {}).get("val_crack_free"):  # chosen on one kind only
+        rescored = run / "photos_decision.json"  # an earlier --rescore's
+        if args.rescore and rescored.is_file():
+            m["photos_decision"] = json.loads(rescored.read_text())
+        elif args.rescore and not (m.get("photos_decision") or {}).get("val_crack_free"):  # chosen on one kind only
             import yaml
 
             from crack_lightning.data.segmentation import read_photo_split
@@ -58,6 +61,7 @@ def main() -> int:
             recipe = yaml.safe_load((run / "config.yaml").read_text())["segment"]["min_crack_px"]
             model.hparams["min_crack_px"] = recipe  # the saved one is the fold's own choice
             m["photos_decision"] = photo_decision(model, read_photo_split(run / "split.csv"))
+            rescored.write_text(json.dumps(m["photos_decision"], indent=1))
         results["folds"][fold] = {"held_out": FOLDS[fold], "pixel": m["after"]["test"],
                                   "photos": m.get("photos_decision"), "epochs": m.get("epochs_run"),
                                   "wall_time_s": m.get("wall_time_s")}
