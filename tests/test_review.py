@@ -6,7 +6,6 @@ import csv
 import io
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 from conftest import SAMPLE, chromium, run_main, start_server
@@ -87,7 +86,7 @@ def test_marks_refit_the_site_and_are_logged(photos, tmp_path):
 
 def page_answers(browser, url: str, photos: list[Path], marks: bool = False) -> list[list[str]]:
     """Open the page on site bridge-7, drop the photos, (with ``marks``: mark each as no crack in the
-    viewer), and return the table's rows as the page's CSV download writes them."""
+    viewer), and return the table's rows as the page's CSV download writes them."""  # noqa: D401
     page = browser.new_page(viewport={"width": 1100, "height": 800})
     page.goto(url + "/")
     page.wait_for_function("document.getElementById('model').textContent.startsWith('model ')")
@@ -127,18 +126,23 @@ def test_page_review_loop_survives_a_restart_and_exports(photos, tmp_path):
     sites = tmp_path / "sites"
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=chromium(), args=["--headless", "--no-sandbox", "--disable-gpu"])
-        for restart in (False, True):
-            proc, url = start_server("--sites", str(sites), "--segment-checkpoint", "none")
-            try:
-                rows = page_answers(browser, url, photos, marks=not restart)
-                if restart:
-                    model = tmp_path / "bridge-7.pt"
-                    model.write_bytes(httpx.get(url + "/v1/sites/bridge-7/model", timeout=60).content)
-            finally:
-                proc.terminate()
-                proc.wait(timeout=30)
-            assert [r[2] for r in rows] == ["Negative", "Negative"]
+        proc, url = start_server("--sites", str(sites), "--segment-checkpoint", "none")
+        try:
+            rows = page_answers(browser, url, photos, marks=True)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
         browser.close()
+    assert [r[2] for r in rows] == ["Negative", "Negative"]
+    from crack_lightning.inference.predictor import Predictor
+    from crack_lightning.serve.app import create_app
+
+    with TestClient(create_app(Predictor(num_workers=0), sites=sites)) as c:  # a new server on the same --sites
+        again = c.post("/v1/predict", params={"site": "bridge-7"},
+                       files=[("files", (p.name, p.read_bytes(), "image/png")) for p in photos]).json()["results"]
+        model = tmp_path / "bridge-7.pt"
+        model.write_bytes(c.get("/v1/sites/bridge-7/model").content)
+    assert [[a["filename"], f"{a['probability']:.6f}", a["label"]] for a in again] == [r[:3] for r in rows]
     assert run_main("predict.py", "--model", str(model), *map(str, photos), "--output",
                     str(tmp_path / "p.csv")).returncode == 0
     exported = [[Path(r["path"]).name, r["probability"], r["label"]] for r in csv.DictReader(open(tmp_path / "p.csv"))]

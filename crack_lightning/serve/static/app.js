@@ -155,7 +155,7 @@ async function openViewer(entry) {
     rect.addEventListener("click", () => mark(entry, "no crack", t));  // a false alarm: this tile shows no crack
     svg.appendChild(rect);
   }
-  $("viewer-status").textContent = `${loc.label} (${loc.probability.toFixed(4)}): ${loc.crack_tiles} of ` +
+  $("viewer-status").textContent = `${loc.label} (${loc.probability.toFixed(6)}): ${loc.crack_tiles} of ` +
     `${loc.tiles.length} tiles show a crack (${(100 * loc.crack_fraction).toFixed(1)}% of the surface; outlined in yellow)`;
   if (segmentation) await crackMap(entry);
 }
