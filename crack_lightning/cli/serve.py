@@ -74,10 +74,11 @@ def serve_main(argv: list[str]) -> int:
 def _segmenter(choice: str | None, device: str):
     """The segmentation model to serve: the one named, else the shipped one if installed, else none."""
     from crack_lightning.inference.outputs import DEFAULT_CHECKPOINT, SEGMENT_MODEL
-    from crack_lightning.inference.segment import load_segmenter
 
     if choice == "none":
         return None
+    from crack_lightning.inference.segment import load_segmenter  # segmentation-models-pytorch: 2 s to import
+
     path = Path(choice) if choice else DEFAULT_CHECKPOINT.with_name(SEGMENT_MODEL)
     if choice is None and not path.is_file():
         return None

@@ -27,7 +27,6 @@ from crack_lightning.data.images import decode_image, image_size
 from crack_lightning.data.tiles import is_patch, photo_tile_count
 from crack_lightning.errors import BadImageError, Stopped
 from crack_lightning.inference.localize import heat_layer_png, localize_array
-from crack_lightning.inference.segment import segment_array
 from crack_lightning.limits import (
     MIN_TILE,
     SERVER_MAX_BATCH,
@@ -246,6 +245,10 @@ def create_app(predictor, *, segmenter=None, sites=None, api_key: str | None = N
             raise HTTPException(404, "this server has no segmentation model (serve.py --segment-checkpoint)")
         if mm_per_pixel is not None and not 0 < mm_per_pixel < 1e3:
             raise HTTPException(400, f"mm_per_pixel must be a positive scale, got {mm_per_pixel}")
+        from crack_lightning.inference.segment import (
+            segment_array,  # smp's import (2 s) only where a model is served
+        )
+
         name, seg = await on_one_photo(request, lambda image, name, stop: segment_array(
             image, segmenter, name, should_stop=stop))
         if isinstance(seg, JSONResponse):
