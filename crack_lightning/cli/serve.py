@@ -77,7 +77,9 @@ def _segmenter(choice: str | None, device: str):
 
     if choice == "none":
         return None
-    from crack_lightning.inference.segment import load_segmenter  # segmentation-models-pytorch: 2 s to import
+    from crack_lightning.inference.segment import (
+        load_segmenter,  # segmentation-models-pytorch: 2 s to import
+    )
 
     path = Path(choice) if choice else DEFAULT_CHECKPOINT.with_name(SEGMENT_MODEL)
     if choice is None and not path.is_file():

@@ -53,7 +53,6 @@ class SiteProfiles:
 
     def __init__(self, root: str | Path, base, patches=None):
         self.root, self.base, self.patches = Path(root), base, patches
-        self._base_model = None  # the photo model as its file holds it, every refit's start (loaded at the first)
         self._features = None  # the photo model in PyTorch, whose head's inputs a mark stores (built at the first mark)
         self._loaded: dict[str, tuple[float, Any]] = {}
         self._lock = threading.Lock()
@@ -160,11 +159,9 @@ class SiteProfiles:
         return {**self.summary(site), **info}
 
     def _refit(self, folder: Path, marks: dict) -> dict:
-        from crack_lightning.models.checkpoint import load_model, save_release
+        from crack_lightning.models.checkpoint import save_release
 
-        if self._base_model is None:
-            self._base_model = load_model(self.base.checkpoint)
-        model = copy.deepcopy(self._base_model)  # the server's photo model, fresh: every refit starts from it
+        model = copy.deepcopy(self._torch.model)  # the server's photo model as its file holds it: every refit's start
         head = linear_head(model)
         anchors = (getattr(model, "meta", {}) or {}).get("site_anchors")
         if head is None or not anchors:
