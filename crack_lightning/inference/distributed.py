@@ -131,8 +131,9 @@ def merge_shards(paths: Sequence[Path], shard_dir: Path, predictor: Predictor, w
     missing = [i for i in range(len(paths)) if i not in probs and i not in errors]
     if missing:
         raise RuntimeError(f"{len(missing)} file(s) predicted by no process (first: {paths[missing[0]]})")
-    rows = [predictor.row(Path(p), probs[i][0] if i in probs else None, errors.get(i, "")) for i, p in enumerate(paths)]
-    for i, row in enumerate(rows):
-        if i in probs:
-            row.label = probs[i][1]  # as the process that answered it decided (a photo: at the photo model's threshold)
+    # each label as the process that answered it decided (a photo's: at the photo model's threshold)
+    rows = []
+    for i, p in enumerate(paths):
+        prob, label = probs.get(i, (None, None))
+        rows.append(predictor.row(Path(p), prob, errors.get(i, ""), label=label))
     return rows

@@ -166,7 +166,7 @@ def summary_row(loc: Localization, label: str, probability: float) -> dict:
         "photo": loc.photo, "width": loc.width, "height": loc.height, "label": label,
         "probability": f"{probability:.6f}", "tiles": len(loc.tiles),
         "crack_tiles": len(loc.crack_tiles), "crack_fraction": f"{loc.crack_fraction():.4f}",
-        "max_probability": f"{max(t.probability for t in loc.tiles):.4f}", "threshold": f"{loc.threshold:.4f}",
+        "max_probability": f"{loc.probability:.4f}", "threshold": f"{loc.threshold:.4f}",
         "error": "",
     }
 

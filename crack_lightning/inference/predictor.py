@@ -182,8 +182,7 @@ class Predictor:
         from crack_lightning.inference.localize import localize_array
 
         loc = localize_array(image, self.photos, 0, None, name, progress, should_stop)
-        p = max(t.probability for t in loc.tiles)
-        return Answer(p, self.photos.class_names[int(p >= loc.threshold)], loc)
+        return Answer(loc.probability, self.photos.class_names[int(loc.probability >= loc.threshold)], loc)
 
     @property
     def model(self):
@@ -279,8 +278,7 @@ class Predictor:
             a = self.answer(decode_image(path), str(path))
         except BadImageError as exc:
             return self.row(path, None, str(exc))
-        truth = label_from_path(path, self.class_names)
-        return Row(str(path), a.probability, a.label, self.class_names[truth] if truth is not None else "")
+        return self.row(path, a.probability, label=a.label)
 
     def _patch_rows(self, paths: list[Path], progress: bool | None) -> Iterator[Row]:
         pending = None
@@ -299,14 +297,14 @@ class Predictor:
         rows += [(i, self.row(paths[i], None, err)) for i, err in errors]
         return [row for _, row in sorted(rows, key=lambda t: t[0])]
 
-    def row(self, path: Path, prob: float | None, error: str = "") -> Row:
+    def row(self, path: Path, prob: float | None, error: str = "", label: str | None = None) -> Row:
         """The output row of one file: its probability (None where it could not be read), the label at
-        this predictor's threshold, the label its folder names, and the error."""
+        this predictor's threshold (or ``label``, a photo's answer from its tiles), the label its folder
+        names, and the error."""
         truth = label_from_path(path, self.class_names)
-        label = "" if prob is None else self.class_names[int(prob >= self.threshold)]
+        if label is None:
+            label = "" if prob is None else self.class_names[int(prob >= self.threshold)]
         return Row(str(path), prob, label, self.class_names[truth] if truth is not None else "", error)
-
-
 
 
 
