@@ -9,8 +9,6 @@ made of sample patches (three with a crack), waits for the answers, opens the mo
 """
 from __future__ import annotations
 
-import base64
-import shutil
 import socket
 import subprocess
 import sys
@@ -24,6 +22,8 @@ from playwright.sync_api import sync_playwright
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "data" / "sample"
+sys.path.insert(0, str(ROOT / "tests"))
+from conftest import drop_files, launch_chromium  # noqa: E402 - the page driven as the browser tests drive it
 
 
 def main() -> int:
@@ -32,7 +32,7 @@ def main() -> int:
     cells = [np.asarray(Image.open(p).convert("RGB")) for p in (pos[10], neg[10], neg[11], neg[12], pos[11], pos[12])]
     mosaic = Path("/tmp/site_photo.jpg")
     Image.fromarray(np.concatenate([np.concatenate(cells[:3], 1), np.concatenate(cells[3:], 1)], 0)).save(mosaic)
-    payload = [{"name": p.name, "b64": base64.b64encode(p.read_bytes()).decode()} for p in [*files, mosaic]]
+    dropped = [*files, mosaic]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -49,20 +49,14 @@ def main() -> int:
             except httpx.TransportError:
                 time.sleep(0.2)
         with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=shutil.which("chromium"), args=[
-                "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"])
+            browser = launch_chromium(pw)
             page = browser.new_page(viewport={"width": 1100, "height": 1300})
             page.goto(url + "/")
             page.wait_for_function("!document.getElementById('site-box').hidden")
             page.fill("#site", "bridge-7")  # an inspector's site: the viewer offers the marks
             page.dispatch_event("#site", "change")
-            page.evaluate("""(files) => {
-                const dt = new DataTransfer();
-                for (const f of files) dt.items.add(new File([Uint8Array.from(atob(f.b64), (c) => c.charCodeAt(0))],
-                                                             f.name, {type: 'image/jpeg'}));
-                document.getElementById('drop').dispatchEvent(new DragEvent('drop', {dataTransfer: dt, bubbles: true}));
-            }""", payload)
-            page.wait_for_function(f"document.querySelectorAll('#results tbody tr:not(.pending)').length === {len(payload)}")
+            drop_files(page, dropped)
+            page.wait_for_function(f"document.querySelectorAll('#results tbody tr:not(.pending)').length === {len(dropped)}")
             page.click("#results tbody tr:last-child")
             page.wait_for_function("document.getElementById('viewer-status').textContent.includes('tiles')")
             traced = "document.getElementById('crack-status').textContent.includes('traced')"

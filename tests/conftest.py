@@ -143,6 +143,31 @@ def start_server(*args: str) -> tuple[subprocess.Popen, str]:
     raise AssertionError("server did not come up")
 
 
+BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def launch_chromium(pw):
+    """Debian's chromium, headless, through a ``sync_playwright()`` handle."""
+    return pw.chromium.launch(executable_path=chromium(), args=BROWSER_ARGS)
+
+
+def drop_files(page, paths) -> None:
+    """Drop files on the page's drop zone, as a user drags them in from a file manager."""
+    import base64
+    import mimetypes
+
+    page.evaluate("""(files) => {
+        const dt = new DataTransfer();
+        for (const f of files) {
+            const bytes = Uint8Array.from(atob(f.b64), (c) => c.charCodeAt(0));
+            dt.items.add(new File([bytes], f.name, {type: f.type}));
+        }
+        document.getElementById('drop').dispatchEvent(new DragEvent('drop', {dataTransfer: dt, bubbles: true}));
+    }""", [{"name": Path(p).name, "b64": base64.b64encode(Path(p).read_bytes()).decode(),
+            "type": mimetypes.guess_type(str(p))[0] or "application/octet-stream"} for p in paths])
+
+
 def chromium() -> str:
     """Debian's chromium, which the browser tests drive through Playwright (``executable_path``)."""
     import shutil

@@ -1,14 +1,13 @@
 """The inspector's review loop: marks on a site's photos refit the site's model, in the API and the page."""
 from __future__ import annotations
 
-import base64
 import csv
 import io
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SAMPLE, chromium, run_main, start_server
+from conftest import SAMPLE, drop_files, launch_chromium, run_main, start_server
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -92,13 +91,7 @@ def page_answers(browser, url: str, photos: list[Path], marks: bool = False) -> 
     page.wait_for_function("document.getElementById('model').textContent.startsWith('model ')")
     page.fill("#site", "bridge-7")
     page.dispatch_event("#site", "change")
-    payload = [{"name": p.name, "b64": base64.b64encode(p.read_bytes()).decode()} for p in photos]
-    page.evaluate("""(files) => {
-        const dt = new DataTransfer();
-        for (const f of files) dt.items.add(new File([Uint8Array.from(atob(f.b64), (c) => c.charCodeAt(0))],
-                                                     f.name, {type: 'image/png'}));
-        document.getElementById('drop').dispatchEvent(new DragEvent('drop', {dataTransfer: dt, bubbles: true}));
-    }""", payload)
+    drop_files(page, photos)
     page.wait_for_function("document.querySelectorAll('#results tbody tr:not(.pending)').length === 2", timeout=60_000)
     if marks:
         assert page.text_content("#progress") == "2 of 2 answered, 2 with a crack"  # two false alarms
@@ -125,7 +118,7 @@ def test_page_review_loop_survives_a_restart_and_exports(photos, tmp_path):
 
     sites = tmp_path / "sites"
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium(), args=["--headless", "--no-sandbox", "--disable-gpu"])
+        browser = launch_chromium(pw)
         proc, url = start_server("--sites", str(sites), "--segment-checkpoint", "none")
         try:
             rows = page_answers(browser, url, photos, marks=True)

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, SAMPLE, one_error, run_main
+from conftest import ROOT, SAMPLE, drop_files, launch_chromium, one_error, run_main
 from PIL import Image
 
 from crack_lightning.models.segmentation import prf, tolerant_counts
@@ -223,7 +223,7 @@ def test_the_server_and_the_page_show_each_crack(tmp_path):
     import io
 
     import httpx
-    from conftest import chromium, start_server
+    from conftest import start_server
     from playwright.sync_api import sync_playwright
 
     patches = [np.asarray(Image.open(p).convert("RGB")) for p in sorted((SAMPLE / "Positive").glob("*.jpg"))[:4]]
@@ -244,17 +244,11 @@ def test_the_server_and_the_page_show_each_crack(tmp_path):
         bad = httpx.post(url + "/v1/segment", files={"file": ("a.jpg", b"not an image")})
         assert bad.status_code == 422 and set(bad.json()) == {"error"}
         with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=chromium(), args=[
-                "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+            browser = launch_chromium(pw)
             page = browser.new_page(viewport={"width": 1100, "height": 900})
             page.goto(url + "/")
             page.wait_for_function("document.getElementById('model').textContent.startsWith('model ')")
-            page.evaluate("""(f) => {
-                const dt = new DataTransfer();
-                const bytes = Uint8Array.from(atob(f.b64), (c) => c.charCodeAt(0));
-                dt.items.add(new File([bytes], f.name, {type: 'image/png'}));
-                document.getElementById('drop').dispatchEvent(new DragEvent('drop', {dataTransfer: dt, bubbles: true}));
-            }""", {"name": photo.name, "b64": base64.b64encode(photo.read_bytes()).decode()})
+            drop_files(page, [photo])
             page.wait_for_function("document.querySelectorAll('#results tbody tr:not(.pending)').length === 1")
             page.click("#results tbody tr:first-child")
             traced = "document.getElementById('crack-status').textContent.includes('traced')"

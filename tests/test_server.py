@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import ROOT, SAMPLE, chromium, start_server
+from conftest import ROOT, SAMPLE, drop_files, launch_chromium, start_server
 from PIL import Image
 
 KEY = "s3cret"
@@ -187,24 +187,14 @@ def test_page_in_a_real_browser(server, reference, tmp_path):
 
     _, rows = reference
     paths = [POSITIVES[0], NEGATIVES[0], POSITIVES[1]]
-    payload = [{"name": p.name, "b64": base64.b64encode(p.read_bytes()).decode()} for p in paths]
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium(), args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        browser = launch_chromium(pw)
         page = browser.new_page(viewport={"width": 1100, "height": 800})
         page.goto(server + "/")
         page.fill("#api-key", KEY)  # this server wants a key: the page asks for it
         page.click("#key-save")
         page.wait_for_function("document.getElementById('model').textContent.startsWith('model ')")
-        page.evaluate("""(files) => {
-            const dt = new DataTransfer();
-            for (const f of files) {
-                const bytes = Uint8Array.from(atob(f.b64), (c) => c.charCodeAt(0));
-                dt.items.add(new File([bytes], f.name, {type: 'image/jpeg'}));
-            }
-            document.getElementById('drop').dispatchEvent(new DragEvent('drop', {dataTransfer: dt, bubbles: true}));
-        }""", payload)
+        drop_files(page, paths)
         page.wait_for_function("document.querySelectorAll('#results tbody tr:not(.pending)').length === 3",
                                timeout=60_000)
         table = page.eval_on_selector_all("#results tbody tr", "trs => trs.map(tr => [...tr.cells].map(c => c.textContent))")
