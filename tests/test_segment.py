@@ -172,36 +172,6 @@ def test_leave_one_source_out_tests_only_the_held_out_sources():
         split_photos(photos, 0.2, 0.2, seed=0, holdout=["gaps"])
 
 
-def test_a_band_drawing_source_is_redrawn_thin_for_training_and_validation_only(tmp_path):
-    """``segment.redraw_px``: the named source's masks are redrawn along their centre lines at that width for
-    training and validation; other sources and every test mask stay as drawn; an unknown source is an error."""
-    from scipy.ndimage import binary_dilation
-
-    from crack_lightning.contract import Preprocessing
-    from crack_lightning.data.segmentation import SegmentationDataModule, scan_photos
-
-    bands, lines = annotated(tmp_path / "bands", 3), annotated(tmp_path / "lines", 3, seed=1)
-    for m in (bands / "masks").glob("*.png"):  # this source draws each crack as an 11 px band
-        drawn = np.asarray(Image.open(m)) > 0
-        Image.fromarray((binary_dilation(drawn, iterations=4) * 255).astype(np.uint8)).save(m)
-    photos = scan_photos([bands, lines])
-    splits = {"train": photos, "val": photos, "test": photos}
-    dm = SegmentationDataModule(splits, Preprocessing(64, (0.5,) * 3, (0.5,) * 3), 1, 0, {"bands": 1})
-    widths: dict[tuple[str, str], list[float]] = {}
-    for name in ("val", "test"):
-        for (_, mask), photo in zip(dm._loader(name), photos):
-            h, w = Image.open(photo.image).size[::-1]
-            rows = (mask[0, :h, :w] > 0).sum(1).float()  # crack pixels per row: the drawn width
-            if (rows > 0).any():
-                widths.setdefault((name, photo.source), []).append(float(rows[rows > 0].mean()))
-    width = {k: float(np.mean(v)) for k, v in widths.items()}
-    assert width["val", "bands"] < 2 < 9 < width["test", "bands"]  # redrawn 1 px wide; the test split as drawn
-    assert 2.5 < width["val", "lines"] == width["test", "lines"] < 4  # another source: as drawn everywhere
-    res = run_main("train.py", *TINY_SEG, "--data.root", bands, "--data.extra_roots", f"[{lines}]", "--output_dir",
-                   tmp_path / "runs", "--segment.redraw_px", "{gaps: 3}")
-    assert "segment.redraw_px: gaps" in one_error(res.returncode, res.stderr)
-
-
 def test_the_photo_rule_is_chosen_only_where_validation_has_both_kinds_of_photo():
     """Balanced accuracy picks the shortest crack that separates cracked from crack-free validation photos;
     with no crack-free one (a fold holding all of them out) nothing can be chosen and the recipe's stays."""

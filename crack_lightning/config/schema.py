@@ -146,9 +146,6 @@ class SegmentConfig:
         holdout: sources (data roots' folder names) held out as the test split, never trained on
             (leave-one-source-out); [] = a test split of photos from every source
         min_crack_px: a photo is called cracked when it has a crack at least this long (pixels of skeleton)
-        redraw_px: sources whose masks are redrawn for training and validation along their centre lines at
-            this width in pixels (e.g. {aigle: 3}: a source that draws every crack as a wide band teaches the
-            model to draw bands); test masks stay as drawn. {} = every mask as drawn
     """
 
     epochs: int = 12
@@ -160,7 +157,6 @@ class SegmentConfig:
     decoder_channels: list[int] = field(default_factory=lambda: [128, 64, 32, 16, 8])
     holdout: list[str] = field(default_factory=list)
     min_crack_px: int = 40
-    redraw_px: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass

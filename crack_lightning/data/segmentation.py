@@ -103,21 +103,11 @@ def pad_to(image: np.ndarray, multiple: int = 32) -> np.ndarray:
     return cv2.copyMakeBorder(image, 0, -h % multiple, 0, -w % multiple, cv2.BORDER_REFLECT_101)
 
 
-def redraw(mask: np.ndarray, width: int) -> np.ndarray:
-    """A crack mask drawn again along its centre lines (skeleton), ``width`` pixels wide."""
-    from skimage.morphology import disk, skeletonize
-
-    skel = skeletonize(mask > 0)
-    return (cv2.dilate(skel.astype(np.uint8), disk(width // 2).astype(np.uint8)) if width > 1 else skel).astype(mask.dtype)
-
-
 class MaskedPhotos(Dataset):
-    """Items ``(normalised image (3,H,W), mask (H,W) float)``; training items are augmented crops.
-    ``redraw_px``: source -> width its masks are redrawn at (:func:`redraw`)."""
+    """Items ``(normalised image (3,H,W), mask (H,W) float)``; training items are augmented crops."""
 
-    def __init__(self, photos: list[Photo], pre: Preprocessing, augment: A.Compose | None = None,
-                 redraw_px: dict[str, int] | None = None):
-        self.photos, self.pre, self.augment, self.redraw_px = photos, pre, augment, redraw_px or {}
+    def __init__(self, photos: list[Photo], pre: Preprocessing, augment: A.Compose | None = None):
+        self.photos, self.pre, self.augment = photos, pre, augment
         self.mean = np.array(pre.mean, np.float32) * 255
         self.std = np.array(pre.std, np.float32) * 255
 
@@ -128,8 +118,6 @@ class MaskedPhotos(Dataset):
         p = self.photos[i]
         image = decode_image(p.image)
         mask = read_mask(Path(p.mask), (image.shape[1], image.shape[0])).astype(np.uint8)
-        if p.source in self.redraw_px:
-            mask = redraw(mask, self.redraw_px[p.source])
         if self.augment is not None:
             out = self.augment(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
@@ -140,18 +128,12 @@ class MaskedPhotos(Dataset):
 
 
 class SegmentationDataModule(L.LightningDataModule):
-    """The photo splits' loaders; ``redraw_px`` applies to training and validation masks, never to test ones
-    (the test split is scored against the masks as drawn)."""
-
-    def __init__(self, splits: dict[str, list[Photo]], pre: Preprocessing, batch_size: int = 8, num_workers: int = 2,
-                 redraw_px: dict[str, int] | None = None):
+    def __init__(self, splits: dict[str, list[Photo]], pre: Preprocessing, batch_size: int = 8, num_workers: int = 2):
         super().__init__()
         self.splits, self.pre, self.batch_size, self.num_workers = splits, pre, batch_size, num_workers
-        self.redraw_px = redraw_px or {}
 
     def _loader(self, name: str, train: bool = False) -> DataLoader:
-        ds = MaskedPhotos(self.splits[name], self.pre, train_augment(self.pre.size) if train else None,
-                          self.redraw_px if name != "test" else None)
+        ds = MaskedPhotos(self.splits[name], self.pre, train_augment(self.pre.size) if train else None)
         return make_loader(ds, self.batch_size if train else 1, self.num_workers, shuffle=train,
                            persistent_workers=True)
 

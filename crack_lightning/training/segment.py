@@ -18,7 +18,6 @@ from crack_lightning.data.segmentation import (
     scan_photos,
     split_photos,
 )
-from crack_lightning.errors import DataError
 from crack_lightning.files import (
     atomic_write,
     csv_path,
@@ -53,11 +52,6 @@ def train_segmenter(cfg: Config, run_dir: Path, resume: bool, start: float) -> d
     roots = [cfg.data.root, *cfg.data.extra_roots]
     splits = split_photos(scan_photos(roots, cfg.data.group_pattern), cfg.data.val_fraction, cfg.data.test_fraction,
                           cfg.data.seed, cfg.segment.holdout)
-    sources = {p.source for part in splits.values() for p in part}
-    for source, width in cfg.segment.redraw_px.items():
-        if source not in sources or width < 1:
-            raise DataError(f"segment.redraw_px: {source}: {width} (a data root's folder name: "
-                            f"{', '.join(sorted(sources))}; a width of at least 1 px)")
     model = build_segmenter(cfg)
     if is_global_zero():
         write_text(run_dir / "config.yaml", dump_yaml(cfg))
@@ -68,7 +62,7 @@ def train_segmenter(cfg: Config, run_dir: Path, resume: bool, start: float) -> d
                         for name, part in splits.items() for p in part)
         print("split: " + ", ".join(f"{name} {len(part)} photos" for name, part in splits.items())
               + f" -> {path_text(run_dir / 'split.csv')}")
-    dm = SegmentationDataModule(splits, model.pre, cfg.data.batch_size, cfg.data.num_workers, cfg.segment.redraw_px)
+    dm = SegmentationDataModule(splits, model.pre, cfg.data.batch_size, cfg.data.num_workers)
     before = _evaluate(cfg, model, dm, run_dir)
     folder = run_dir / "checkpoints" / STAGE
     resume_from, epoch, problems = newest_readable([folder / "last.ckpt", folder / "best.ckpt"]) if resume \
