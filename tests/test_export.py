@@ -71,3 +71,41 @@ def test_cached_feature_engines_agree(trained_run):
     torch_feats = feature_extractor(model, "torch", "cpu")(x)
     assert onnx_feats.shape == torch_feats.shape == (8, 1280)
     torch.testing.assert_close(onnx_feats, torch_feats, atol=1e-4, rtol=1e-4)
+
+
+def test_a_refitted_head_is_exported_by_swapping_it_byte_equal_to_exporting_afresh(trained_run, tmp_path):
+    """A site's refit changes only the head: its ONNX is the server's with the head's initializers swapped,
+    byte for byte what a fresh export gives; a change the graph folds away (a conv before its batch norm) is
+    refused, left to a fresh export."""
+    from crack_lightning.inference.export import ProbabilityModel
+    from crack_lightning.models.anchors import linear_head
+    from crack_lightning.models.checkpoint import (
+        float_weights,
+        model_from,
+        read_checkpoint,
+        save_release,
+    )
+    from crack_lightning.models.runtime import derived_export
+    from crack_lightning.models.runtime import exported as export_bytes
+
+    base = trained_run / "model.pt"
+
+    def onnx_of(path):
+        ck = read_checkpoint(path)
+        model = model_from(ck, path, "cpu")
+        return export_bytes(ProbabilityModel(model).float().cpu(), model.pre.size), float_weights(ck["state_dict"])
+
+    base_onnx, base_weights = onnx_of(base)
+    site = model_from(read_checkpoint(base), base, "cpu")
+    head = linear_head(site)
+    with torch.no_grad():
+        head.weight.mul_(-0.7)
+        head.bias.add_(0.25)
+        site.threshold.fill_(0.9)
+    save_release(site, tmp_path / "site.pt")
+    fresh, site_weights = onnx_of(tmp_path / "site.pt")
+    derived = derived_export(base_onnx, base_weights, site_weights)
+    assert derived is not None and derived == fresh and derived != base_onnx
+    conv = next(k for k in site_weights if k.startswith("backbone.") and k.endswith("conv_stem.weight"))
+    folded = {**site_weights, conv: site_weights[conv] * 1.5}
+    assert derived_export(base_onnx, base_weights, folded) is None

@@ -47,6 +47,10 @@ def test_marks_refit_the_site_and_are_logged(photos, tmp_path):
         box = {k: tile[k] for k in ("x", "y", "width", "height")}
         r = c.post("/v1/sites/bridge-7/marks", params={"label": "no crack", "who": "ann", **box}, files=up(photos[0]))
         assert r.status_code == 200 and r.json()["marks"] == 1 and r.json()["threshold"] > loc["threshold"]
+        from crack_lightning.models.runtime import cache_dir, file_key
+
+        site_file = tmp_path / "sites" / "bridge-7" / "model.pt"  # its export is ready: the next request exports nothing
+        assert (cache_dir() / f"{file_key(site_file, 'probability', 224)}.onnx").is_file()
         after = c.post("/v1/localize", params={"site": "bridge-7"}, files=up(photos[0])).json()
         marked = next(t for t in after["tiles"] if all(t[k] == box[k] for k in box))
         assert marked["probability"] < after["threshold"]  # the marked tile is silenced

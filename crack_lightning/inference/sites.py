@@ -186,7 +186,29 @@ class SiteProfiles:
         metrics = dict(getattr(model, "meta", {}).get("metrics") or {})
         metrics["site_profile"] = {"site": folder.name, **info}
         save_release(model, folder / "model.pt", metrics=metrics)
+        self._seed_export(folder / "model.pt")
         return info
+
+    def _seed_export(self, path: Path) -> None:
+        """Cache the ONNX export of a refitted site file, made from the server's own export by swapping the head
+        (byte-equal to exporting it, 0.1 s instead of several): the next request naming the site starts at once."""
+        from crack_lightning.models.checkpoint import float_weights, read_checkpoint
+        from crack_lightning.models.runtime import (
+            cached_export,
+            derived_export,
+            file_key,
+            use_onnx,
+        )
+
+        base = self.base
+        if Path(base.checkpoint).suffix == ".onnx" or not use_onnx(base.engine, base.device):
+            return  # an ONNX file cannot learn from marks; on a GPU the site's model runs in PyTorch
+        size = base.pre.size
+        onnx_bytes = cached_export(file_key(base.checkpoint, "probability", size), base._export)
+        derived = derived_export(onnx_bytes, float_weights(read_checkpoint(base.checkpoint)["state_dict"]),
+                                 float_weights(read_checkpoint(path)["state_dict"]))
+        if derived is not None:
+            cached_export(file_key(path, "probability", size), lambda: derived)
 
     def reset(self, site: str, who: str = "") -> dict:
         """Forget the site's marks and model; the log keeps what was done, and the reset."""

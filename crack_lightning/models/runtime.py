@@ -177,3 +177,25 @@ class OnnxModel:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.session.run(None, {"image": x.contiguous().numpy()})[0])
+
+
+def derived_export(onnx_bytes: bytes, weights: dict[str, torch.Tensor], new_weights: dict[str, torch.Tensor]) -> bytes | None:
+    """The export of a network that differs from an exported one only in some tensors (a site's refitted
+    head), made by swapping those tensors' initializers instead of exporting again (seconds on a CPU).
+    ``weights``: what ``onnx_bytes`` was exported from; both as their model files hold them, as float32
+    (:func:`~crack_lightning.models.checkpoint.float_weights`). The threshold is not part of the probability
+    network. None where a changed tensor is not an initializer of that name (folded into another op: only a
+    fresh export is right) or the two differ in their tensors' names or shapes."""
+    import onnx
+    from onnx import numpy_helper
+
+    if weights.keys() != new_weights.keys() or any(weights[k].shape != new_weights[k].shape for k in weights):
+        return None
+    changed = {k: v for k, v in new_weights.items() if k != "threshold" and not torch.equal(weights[k], v)}
+    model = onnx.load_from_string(onnx_bytes)
+    initializers = {i.name: i for i in model.graph.initializer}
+    if any(k not in initializers for k in changed):
+        return None
+    for k, v in changed.items():
+        initializers[k].CopyFrom(numpy_helper.from_array(v.detach().float().cpu().numpy(), k))
+    return model.SerializeToString()
