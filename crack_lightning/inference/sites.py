@@ -55,6 +55,7 @@ class SiteProfiles:
         self.root, self.base, self.patches = Path(root), base, patches
         self._features = None  # the photo model in PyTorch, whose head's inputs a mark stores (built at the first mark)
         self._loaded: dict[str, tuple[float, Any]] = {}
+        self._base_export: tuple[bytes, dict] | None = None  # the server's photo export and its weights (refits seed from it)
         self._lock = threading.Lock()
 
     @property
@@ -203,12 +204,12 @@ class SiteProfiles:
         base = self.base
         if Path(base.checkpoint).suffix == ".onnx" or not use_onnx(base.engine, base.device):
             return  # an ONNX file cannot learn from marks; on a GPU the site's model runs in PyTorch
-        size = base.pre.size
-        onnx_bytes = cached_export(file_key(base.checkpoint, "probability", size), base._export)
-        derived = derived_export(onnx_bytes, float_weights(read_checkpoint(base.checkpoint)["state_dict"]),
-                                 float_weights(read_checkpoint(path)["state_dict"]))
+        if self._base_export is None:  # once per server: the base file is hashed and its weights read at most once
+            self._base_export = (cached_export(file_key(base.checkpoint, "probability", base.pre.size), base._export),
+                                 float_weights(base._ckpt["state_dict"]))
+        derived = derived_export(*self._base_export, float_weights(read_checkpoint(path)["state_dict"]))
         if derived is not None:
-            cached_export(file_key(path, "probability", size), lambda: derived)
+            cached_export(file_key(path, "probability", base.pre.size), lambda: derived)
 
     def reset(self, site: str, who: str = "") -> dict:
         """Forget the site's marks and model; the log keeps what was done, and the reset."""
