@@ -159,17 +159,36 @@ def test_a_segmentation_model_exports_to_onnx_with_its_contract(seg_run, tmp_pat
 
 
 def test_leave_one_source_out_tests_only_the_held_out_sources():
+    from crack_lightning.data.records import Record
     from crack_lightning.data.segmentation import Photo, split_photos
     from crack_lightning.errors import DataError
 
     photos = [Photo(f"{s}{i}.jpg", f"{s}{i}.png", s, f"{s}/{i}") for s in ("walls", "slabs", "clear") for i in range(10)]
-    split = split_photos(photos, 0.2, 0.2, seed=0, holdout=["walls", "clear"])
+    tiles = [Record(p.image, int(k == 0 and p.source != "clear"), f"{p.image}{k}", group=p.group, source=p.source)
+             for p in photos for k in range(4)]
+    split = split_photos(photos, tiles, 0.2, 0.2, seed=0, holdout=["walls", "clear"])
     assert {p.source for p in split["test"]} == {"walls", "clear"} and len(split["test"]) == 20
-    assert {p.source for p in split["train"] + split["val"]} == {"slabs"}
-    mixed = split_photos(photos, 0.2, 0.2, seed=0)
+    assert {p.source for p in split["train"] + split["val"]} == {"slabs"} and len(split["train"] + split["val"]) == 10
+    mixed = split_photos(photos, tiles, 0.2, 0.2, seed=0)
     assert not {p.group for p in mixed["train"]} & {p.group for p in mixed["test"] + mixed["val"]}
     with pytest.raises(DataError, match="names no data root"):
-        split_photos(photos, 0.2, 0.2, seed=0, holdout=["gaps"])
+        split_photos(photos, tiles, 0.2, 0.2, seed=0, holdout=["gaps"])
+
+
+def test_a_crack_map_model_is_tested_on_the_photos_a_tile_model_of_the_same_data_is_tested_on(seg_run):
+    """One split rule for both tasks: an answer joining a tile model and a crack map is never scored on a
+    photo either one trained on."""
+    from crack_lightning.config.schema import DataConfig
+    from crack_lightning.data.split import build_split
+
+    tmp, run = seg_run
+    seg = {r["image"]: r["split"] for r in csv.DictReader((run / "split.csv").open())}
+    out = tmp / "tile_split"
+    out.mkdir(exist_ok=True)
+    tiles = build_split(DataConfig(root=str(tmp / "walls"), extra_roots=[str(tmp / "slabs")], num_workers=0), out)
+    of_tiles = {r.path: r.split for r in tiles}
+    assert set(seg) == set(of_tiles) and {seg[p] for p in seg} == {"train", "val", "test"}
+    assert all(seg[p] == of_tiles[p] for p in seg)
 
 
 def test_the_photo_rule_is_chosen_only_where_validation_has_both_kinds_of_photo():

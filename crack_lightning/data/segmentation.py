@@ -7,7 +7,6 @@ several roots train together, each one a source named by its folder.
 """
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -22,6 +21,8 @@ from torch.utils.data import DataLoader, Dataset
 from crack_lightning.contract import Preprocessing
 from crack_lightning.data.images import decode_image, is_image_file
 from crack_lightning.data.loaders import make_loader
+from crack_lightning.data.records import Record
+from crack_lightning.data.split import split_records
 from crack_lightning.data.tiles import find_mask, group_of, is_mask_root, read_mask
 from crack_lightning.errors import DataError
 
@@ -49,23 +50,22 @@ def scan_photos(roots: Sequence[str | Path], group_pattern: str = "") -> list[Ph
     return photos
 
 
-def split_photos(photos: list[Photo], val_fraction: float, test_fraction: float, seed: int,
+def split_photos(photos: list[Photo], tiles: list[Record], val_fraction: float, test_fraction: float, seed: int,
                  holdout: Sequence[str] = ()) -> dict[str, list[Photo]]:
-    """train / val / test by photo group; ``holdout``: those sources are the test split, and no photo of
-    them is trained on (leave-one-source-out)."""
+    """train / val / test: each photo where its ``tiles`` fall under the classifier's split rule
+    (:func:`split_records`: by original photo, per source, stratified, seeded). One rule for both models,
+    so a crack map and a tile model trained on the same photos are tested on the same ones: an answer that
+    joins them is never scored on a photo either one trained on. ``holdout``: those sources are the whole
+    test split and none of their photos is trained on (leave-one-source-out); the rest's test photos train."""
     unknown = set(holdout) - {p.source for p in photos}
     if unknown:
         raise DataError(f"segment.holdout names no data root: {', '.join(sorted(unknown))} (the roots' folder names: "
                         f"{', '.join(sorted({p.source for p in photos}))})")
-    test = [p for p in photos if p.source in holdout]
-    rest = [p for p in photos if p.source not in holdout]
-    groups = sorted({p.group for p in rest})
-    random.Random(seed).shuffle(groups)
-    n_val = max(1, round(len(groups) * val_fraction))
-    n_test = 0 if test else max(1, round(len(groups) * test_fraction))
-    val_g, test_g = set(groups[:n_val]), set(groups[n_val:n_val + n_test])
-    out = {"train": [p for p in rest if p.group not in val_g | test_g], "val": [p for p in rest if p.group in val_g],
-           "test": test + [p for p in rest if p.group in test_g]}
+    of_tiles = {r.path: r.split for r in split_records(tiles, val_fraction, test_fraction, seed)}
+    out: dict[str, list[Photo]] = {"train": [], "val": [], "test": []}
+    for p in photos:
+        name = "test" if p.source in holdout else of_tiles.get(p.image, "train")
+        out["train" if holdout and name == "test" and p.source not in holdout else name].append(p)
     for name, part in out.items():
         if not part:
             raise DataError(f"segmentation split '{name}' is empty: add photos or change the fractions")

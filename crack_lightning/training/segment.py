@@ -13,6 +13,7 @@ from pathlib import Path
 
 from crack_lightning.config.files import dump_yaml
 from crack_lightning.config.schema import Config
+from crack_lightning.data.scan import scan_sources
 from crack_lightning.data.segmentation import (
     SegmentationDataModule,
     scan_photos,
@@ -50,8 +51,9 @@ def train_segmenter(cfg: Config, run_dir: Path, resume: bool, start: float) -> d
     import time
 
     roots = [cfg.data.root, *cfg.data.extra_roots]
-    splits = split_photos(scan_photos(roots, cfg.data.group_pattern), cfg.data.val_fraction, cfg.data.test_fraction,
-                          cfg.data.seed, cfg.segment.holdout)
+    tiles, _ = scan_sources(cfg.data, workers=max(1, cfg.data.num_workers))  # the classifier's split, by tiles
+    splits = split_photos(scan_photos(roots, cfg.data.group_pattern), tiles, cfg.data.val_fraction,
+                          cfg.data.test_fraction, cfg.data.seed, cfg.segment.holdout)
     model = build_segmenter(cfg)
     if is_global_zero():
         write_text(run_dir / "config.yaml", dump_yaml(cfg))
