@@ -152,3 +152,17 @@ def _polyline_length(chain: list[tuple[int, int]]) -> float:
         return 0.0
     keep = chain[::_STEP] + ([chain[-1]] if (len(chain) - 1) % _STEP else [])
     return float(sum(math.dist(a, b) for a, b in zip(keep, keep[1:])))
+
+
+def longest_crack_in(mask: np.ndarray, boxes: Sequence[tuple[int, int, int, int]]) -> list[float]:
+    """For each ``(x, y, width, height)`` box, the length of the longest crack of ``mask`` with a pixel inside it
+    (0.0: none). A box is judged by the whole crack that runs through it, not the piece it holds."""
+    from scipy.ndimage import find_objects
+    from skimage.measure import label
+
+    labels = label(np.asarray(mask).astype(bool), connectivity=2)
+    lengths = np.zeros(labels.max() + 1)
+    for i, box in enumerate(find_objects(labels), start=1):
+        if box is not None:
+            lengths[i] = max((c.length_px for c in measure(labels[box] == i)), default=0.0)
+    return [float(lengths[np.unique(labels[y:y + h, x:x + w])].max()) for x, y, w, h in boxes]

@@ -9,6 +9,11 @@ tile scores are cached (``--cache``). Each rule below then gets ONE threshold, c
 photos as the highest that still flags ``--recall`` of the cracked ones (the shipped model's criterion),
 and is scored on the test photos. The rule is chosen on validation (fewest crack-free photos flagged,
 then most cracked ones); the test photos only report. Writes results/photo_rules/.
+
+``--segmenter MODEL`` adds rules that ask a crack map too (a segmentation model trained on the same split:
+``train.py --config configs/segment.yaml``): "confirmed, L px" scores a photo by its best tile that a crack
+at least L px long runs through (L over a grid; the chosen L is the longest for which a threshold still
+keeps ``--recall`` of the cracked validation photos), "crack map alone" by its longest crack.
 """
 from __future__ import annotations
 
@@ -51,12 +56,33 @@ def rule_scores(tiles: np.ndarray) -> dict[str, float]:
     }
 
 
+LENGTHS = (0, 20, 40, 60, 80, 120, 160, 240)  # px: the crack a confirming tile must be crossed by
+
+
+def crack_lengths(data: dict, model_path: str, cache: Path) -> dict[str, np.ndarray]:
+    """Per photo, per tile (the order of its cached tiles): the longest crack of the crack map through it."""
+    if cache.is_file():
+        return torch.load(cache, weights_only=False)
+    from crack_lightning.data.images import decode_image
+    from crack_lightning.inference.segment import load_segmenter, segment_array
+    from crack_lightning.measure import longest_crack_in
+
+    model = load_segmenter(model_path, "cpu", "auto")
+    out = {}
+    for path, (_, _, _, tiles) in tqdm(sorted(data.items()), desc="crack maps"):
+        seg = segment_array(decode_image(path), model, path)
+        out[path] = np.array(longest_crack_in(seg.mask, [(int(x), int(y), int(s), int(s)) for x, y, s, _ in tiles]))
+    torch.save(out, cache)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--field", default="../shared/data/field", type=Path)
     ap.add_argument("--model", default="models/crack_lite0_site.pt")
     ap.add_argument("--cache", default="runs/photo_rules/tiles.pt", type=Path)
     ap.add_argument("--recall", type=float, default=0.97, help="cracked validation photos the threshold keeps")
+    ap.add_argument("--segmenter", default=None, help="a segmentation model trained on the same split")
     ap.add_argument("--results", default=None, help=RESULTS_HELP)
     args = ap.parse_args()
     if args.cache.is_file():
@@ -80,8 +106,16 @@ def main() -> int:
         torch.save(data, args.cache)
 
     scored = {p: (s, src, c, rule_scores(t)) for p, (s, src, c, t) in data.items()}
+    if args.segmenter:
+        lengths = crack_lengths(data, args.segmenter, args.cache.with_name(f"cracks_{Path(args.segmenter).parent.name}.pt"))
+        for p, (_, _, _, t) in data.items():
+            rules_of = scored[p][3]
+            for L in LENGTHS:
+                rules_of[f"confirmed, {L} px"] = float(np.max(np.where(lengths[p] >= max(L, 1e-9), t[:, 3], 0.0)))
+            rules_of["crack map alone (px)"] = float(lengths[p].max())
     rules = list(next(iter(scored.values()))[3])
-    results = {"hardware": machine(), "settings": {"model": args.model, "recall": args.recall}, "rules": {}}
+    results = {"hardware": machine(), "settings": {"model": args.model, "recall": args.recall,
+                                                        "segmenter": args.segmenter}, "rules": {}}
     rows = []
     for rule in rules:
         cracked_val = sorted(r[rule] for s, _, c, r in scored.values() if s == "val" and c)
@@ -96,6 +130,10 @@ def main() -> int:
         rows.append(f"| {rule} | {threshold:.4f} | {cell('val', 'all/crack')} | {cell('val', 'concrete_nocrack/no crack')} "
                     f"| {cell('val', 'all/no crack')} | {cell('test', 'all/crack')} | "
                     f"{cell('test', 'concrete_nocrack/no crack')} | {cell('test', 'all/no crack')} |")
+    feasible = [r for r in rules if r.startswith("confirmed") and results["rules"][r]["threshold"] > 0]
+    if feasible:  # the longest confirming crack that still lets a threshold keep the recall target
+        results["chosen_length_rule"] = feasible[-1]
+        rows = [row.replace(f"| {feasible[-1]} |", f"| **{feasible[-1]}** (chosen) |", 1) for row in rows]
     n_val = sum(s == "val" for s, *_ in scored.values())
     md = [f"# Photo rules over the site model's tiles ({describe(results['hardware'])})", "",
           f"`python experiments/photo_rules.py` - model `{args.model}`; each rule's threshold = the highest that flags "

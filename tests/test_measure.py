@@ -63,3 +63,14 @@ def test_rows_in_millimetres_carry_a_severity_class():
     assert "severity" not in crack.row()
     assert severity(0.1) == "hairline" and severity(0.3) == "fine" and severity(0.31) == "wide"
     assert severity(0.5, edges=(0.2, 0.4, 0.6)) == "class_3"
+
+
+def test_a_box_is_judged_by_the_whole_crack_that_runs_through_it():
+    from crack_lightning.measure import longest_crack_in
+
+    mask = np.zeros((100, 200), bool)
+    mask[50, 10:110] = True  # 100 px, across two boxes
+    mask[10:30, 150] = True  # 20 px
+    got = longest_crack_in(mask, [(0, 0, 50, 100), (100, 0, 100, 100), (160, 0, 40, 100), (140, 0, 20, 20)])
+    assert got[0] == got[1] == pytest.approx(99, abs=2)  # the long crack's whole length, in both boxes it crosses
+    assert got[2] == 0.0 and got[3] == pytest.approx(19, abs=2)

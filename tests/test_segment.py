@@ -43,9 +43,15 @@ TINY_SEG = ["--config", str(ROOT / "configs/segment.yaml"), "--model.pretrained"
 def seg_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("seg")
     a, b = annotated(tmp / "walls", 12), annotated(tmp / "slabs", 9, seed=1)
-    res = run_main("train.py", *TINY_SEG, "--data.root", a, "--data.extra_roots", f"[{b}]",
-                   "--output_dir", tmp / "runs", "--run_name", "s")
+    clear = tmp / "clear" / "Negative"  # crack-free images of another size, one of them unreadable
+    clear.mkdir(parents=True)
+    for i, side in enumerate((227, 90, 300)):
+        Image.new("RGB", (side, side), (150 + i, 150, 150)).save(clear / f"n{i}.jpg")
+    (clear / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    res = run_main("train.py", *TINY_SEG, "--data.root", a, "--data.extra_roots", f"[{b}]", "--segment.negatives",
+                   f"[{clear.parent}]", "--output_dir", tmp / "runs", "--run_name", "s")
     assert res.returncode == 0, res.stderr[-3000:]
+    assert "skipping" in res.stderr and "broken.jpg" in res.stderr
     assert "test pixel F1" in res.stdout
     return tmp, tmp / "runs" / "s"
 
@@ -61,7 +67,29 @@ def test_training_writes_a_run_folder_with_a_segmentation_model(seg_run):
     assert decision["min_crack_px"] == ckpt["hyper_parameters"]["min_crack_px"] >= 1  # chosen on validation, stored
     rows = list(csv.DictReader((run / "split.csv").open()))
     assert decision["test_photos"] == sum(r["split"] == "test" for r in rows) and 0 <= decision["test_false_alarms"] <= 1
-    assert {r["split"] for r in rows} == {"train", "val", "test"} and {r["source"] for r in rows} == {"walls", "slabs"}
+    assert {r["split"] for r in rows} == {"train", "val", "test"}
+    assert {r["source"] for r in rows} == {"walls", "slabs", "negatives/clear"}
+    negatives = [r for r in rows if r["source"] == "negatives/clear"]
+    assert len(negatives) == 3 and {(r["split"], r["mask"]) for r in negatives} == {("train", "")}
+
+
+def test_a_crack_free_training_image_is_learned_as_an_empty_crack_map(seg_run):
+    from crack_lightning.contract import Preprocessing
+    from crack_lightning.data.segmentation import (
+        MaskedPhotos,
+        read_photo_split,
+        train_augment,
+    )
+
+    _, run = seg_run
+    train = read_photo_split(run / "split.csv")["train"]
+    negative = next(p for p in train if not p.mask)
+    annotated_photo = next(p for p in train if p.mask and np.asarray(Image.open(p.mask)).any())
+    pre = Preprocessing(size=64, mean=(0.5,) * 3, std=(0.5,) * 3)
+    x, y = MaskedPhotos([negative, annotated_photo], pre, train_augment(64))[0]
+    assert x.shape == (3, 64, 64) and y.shape == (64, 64) and not y.any()
+    _, y_whole = MaskedPhotos([negative, annotated_photo], pre)[1]
+    assert y_whole.sum() > 0  # annotated photos keep their masks
 
 
 def test_predict_segment_writes_masks_overlays_measurements_and_a_summary(seg_run, tmp_path):
@@ -182,7 +210,7 @@ def test_a_crack_map_model_is_tested_on_the_photos_a_tile_model_of_the_same_data
     from crack_lightning.data.split import build_split
 
     tmp, run = seg_run
-    seg = {r["image"]: r["split"] for r in csv.DictReader((run / "split.csv").open())}
+    seg = {r["image"]: r["split"] for r in csv.DictReader((run / "split.csv").open()) if r["mask"]}  # annotated
     out = tmp / "tile_split"
     out.mkdir(exist_ok=True)
     tiles = build_split(DataConfig(root=str(tmp / "walls"), extra_roots=[str(tmp / "slabs")], num_workers=0), out)

@@ -146,6 +146,10 @@ class SegmentConfig:
         holdout: sources (data roots' folder names) held out as the test split, never trained on
             (leave-one-source-out); [] = a test split of photos from every source
         min_crack_px: a photo is called cracked when it has a crack at least this long (pixels of skeleton)
+        negatives: folders of crack-free images (plain concrete, joints, stains: what must not be drawn as a
+            crack) trained on with an empty crack map; never validated or tested on
+        max_negatives: at most this many of them (a seeded subset), so a large folder does not drown the
+            annotated photos
     """
 
     epochs: int = 12
@@ -157,6 +161,8 @@ class SegmentConfig:
     decoder_channels: list[int] = field(default_factory=lambda: [128, 64, 32, 16, 8])
     holdout: list[str] = field(default_factory=list)
     min_crack_px: int = 40
+    negatives: list[str] = field(default_factory=list)
+    max_negatives: int = 500
 
 
 @dataclass
@@ -230,8 +236,9 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{key}: must be an integer 0 to {2**32 - 1}, got {seed}")
     if cfg.segment.crop_size % 32 or not 64 <= cfg.segment.crop_size <= 2048:
         raise ConfigError(f"segment.crop_size: must be a multiple of 32 in 64-2048, got {cfg.segment.crop_size}")
-    if cfg.segment.epochs < 1 or not cfg.segment.lr > 0 or cfg.segment.min_crack_px < 0:
-        raise ConfigError("segment.epochs must be >= 1, segment.lr > 0 and segment.min_crack_px >= 0")
+    if cfg.segment.epochs < 1 or not cfg.segment.lr > 0 or cfg.segment.min_crack_px < 0 or cfg.segment.max_negatives < 0:
+        raise ConfigError("segment.epochs must be >= 1, segment.lr > 0, segment.min_crack_px >= 0 and "
+                          "segment.max_negatives >= 0")
     name = cfg.run_name
     if name and (name in (".", "..") or "/" in name or "\\" in name or name.startswith("~")):
         raise ConfigError(f"run_name must be a plain folder name (no '/', '..'), got {name!r}")

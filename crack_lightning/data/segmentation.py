@@ -7,6 +7,8 @@ several roots train together, each one a source named by its folder.
 """
 from __future__ import annotations
 
+import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -24,7 +26,7 @@ from crack_lightning.data.loaders import make_loader
 from crack_lightning.data.records import Record
 from crack_lightning.data.split import split_records
 from crack_lightning.data.tiles import find_mask, group_of, is_mask_root, read_mask
-from crack_lightning.errors import DataError
+from crack_lightning.errors import BadImageError, DataError
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,31 @@ def split_photos(photos: list[Photo], tiles: list[Record], val_fraction: float, 
     return out
 
 
+def scan_negatives(folders: Sequence[str | Path], limit: int, seed: int) -> list[Photo]:
+    """Crack-free training images (an empty crack map each, ``mask`` ""): a seeded subset of at most ``limit``
+    of the readable images under ``folders``; an unreadable one is left out with a warning."""
+    files = []
+    for folder in map(Path, folders):
+        if not folder.is_dir():
+            raise DataError(f"segment.negatives: {folder} is not a folder")
+        found = sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p))
+        if not found:
+            raise DataError(f"segment.negatives: no images under {folder}")
+        files += [(folder.name, p) for p in found]
+    random.Random(seed).shuffle(files)
+    out = []
+    for name, path in files:
+        if limit and len(out) >= limit:
+            break
+        try:
+            decode_image(path)
+        except BadImageError as exc:
+            print(f"warning: segment.negatives: skipping {path}: {exc}", file=sys.stderr)
+            continue
+        out.append(Photo(str(path), "", f"negatives/{name}", f"negatives/{name}/{path.stem}"))
+    return out
+
+
 def read_photo_split(path: str | Path) -> dict[str, list[Photo]]:
     """A segmentation run's ``split.csv`` (image, mask, source, group, split) back as its photo splits."""
     import csv
@@ -80,7 +107,7 @@ def read_photo_split(path: str | Path) -> dict[str, list[Photo]]:
 
     with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
-    return {name: [Photo(path_from_csv(r["image"]), path_from_csv(r["mask"]), r["source"], r["group"])
+    return {name: [Photo(path_from_csv(r["image"]), path_from_csv(r["mask"]) if r["mask"] else "", r["source"], r["group"])
                    for r in rows if r["split"] == name] for name in ("train", "val", "test")}
 
 
@@ -117,7 +144,8 @@ class MaskedPhotos(Dataset):
     def __getitem__(self, i: int):
         p = self.photos[i]
         image = decode_image(p.image)
-        mask = read_mask(Path(p.mask), (image.shape[1], image.shape[0])).astype(np.uint8)
+        mask = read_mask(Path(p.mask), (image.shape[1], image.shape[0])).astype(np.uint8) if p.mask \
+            else np.zeros(image.shape[:2], np.uint8)  # a crack-free image (segment.negatives)
         if self.augment is not None:
             out = self.augment(image=image, mask=mask)
             image, mask = out["image"], out["mask"]

@@ -16,6 +16,7 @@ from crack_lightning.config.schema import Config
 from crack_lightning.data.scan import scan_sources
 from crack_lightning.data.segmentation import (
     SegmentationDataModule,
+    scan_negatives,
     scan_photos,
     split_photos,
 )
@@ -54,13 +55,15 @@ def train_segmenter(cfg: Config, run_dir: Path, resume: bool, start: float) -> d
     tiles, _ = scan_sources(cfg.data, workers=max(1, cfg.data.num_workers))  # the classifier's split, by tiles
     splits = split_photos(scan_photos(roots, cfg.data.group_pattern), tiles, cfg.data.val_fraction,
                           cfg.data.test_fraction, cfg.data.seed, cfg.segment.holdout)
+    if cfg.segment.negatives:  # crack-free images: training only, never a choice or a score
+        splits["train"] += scan_negatives(cfg.segment.negatives, cfg.segment.max_negatives, cfg.data.seed)
     model = build_segmenter(cfg)
     if is_global_zero():
         write_text(run_dir / "config.yaml", dump_yaml(cfg))
         with atomic_write(run_dir / "split.csv", "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(["image", "mask", "source", "group", "split"])
-            w.writerows([csv_path(p.image), csv_path(p.mask), p.source, p.group, name]
+            w.writerows([csv_path(p.image), csv_path(p.mask) if p.mask else "", p.source, p.group, name]
                         for name, part in splits.items() for p in part)
         print("split: " + ", ".join(f"{name} {len(part)} photos" for name, part in splits.items())
               + f" -> {path_text(run_dir / 'split.csv')}")
