@@ -43,6 +43,24 @@ def test_predict_folder_with_labels_and_a_broken_file(trained_run, labelled, tmp
     assert "unreadable: " in res.stderr
 
 
+def test_spread_prediction_decodes_a_photo_only_where_its_tiles_answer_it():
+    """Under DDP the loader serves patches; a photo's item is its index (its tiles decode it once, in
+    predict_step), not a whole-image decode whose answer would be thrown away."""
+    from crack_lightning.inference.distributed import PatchesOnly
+
+    decoded = []
+
+    class Files:
+        def __getitem__(self, i):
+            decoded.append(i)
+            return f"image {i}"
+
+    ds = PatchesOnly(Files(), [False, True, False, True])
+    items = [ds[i] for i in range(len(ds))]
+    assert decoded == [0, 2]
+    assert PatchesOnly.collate(list)(items) == (["image 0", "image 2"], [1, 3])
+
+
 @pytest.mark.ddp
 def test_predict_spread_over_two_processes_writes_the_single_process_csv(trained_run, labelled, tmp_path):
     """--accelerator cpu --devices 2: Lightning DDP, each process a share; one CSV, byte-identical to a

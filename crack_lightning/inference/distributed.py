@@ -43,23 +43,44 @@ class PredictModule(L.LightningModule):
         self.predictor = Predictor(**{**self.predictor_kwargs, "device": name})
 
     def predict_dataloader(self):
-        return self.predictor.loader(self.paths)
+        from crack_lightning.data.loaders import make_loader
+
+        photo = [is_photo(p) for p in self.paths]  # headers only
+        return make_loader(PatchesOnly(self.predictor.dataset(self.paths), photo), self.predictor.batch_size,
+                           self.predictor.num_workers, collate_fn=PatchesOnly.collate(self.predictor.collate),
+                           pin_memory=self.predictor.on_gpu, prefetch_factor=4)
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         return batch  # the predictor moves its inputs itself (uint8 to the GPU, or stays on the host for ONNX)
 
     def predict_step(self, batch, batch_idx):
         """``(index, probability, label)`` of each readable file (a photo's from its tiles, as in one process)."""
+        batch, photos = batch
         probs = [] if batch.x is None else self.predictor.probabilities(batch.x).tolist()
-        done, errors = [], list(batch.errors)
-        for i, p in zip(batch.index.tolist(), probs):
-            path = self.paths[i]
-            row = self.predictor.photo_row(path) if is_photo(path) else self.predictor.row(path, p)
-            if row.error:
-                errors.append((i, row.error))
-            else:
-                done.append((i, row.probability, row.label))
-        return done, errors
+        rows = [(i, self.predictor.row(self.paths[i], p)) for i, p in zip(batch.index.tolist(), probs)]
+        rows += [(i, self.predictor.photo_row(self.paths[i])) for i in photos]
+        done = [(i, row.probability, row.label) for i, row in rows if not row.error]
+        return done, list(batch.errors) + [(i, row.error) for i, row in rows if row.error]
+
+
+class PatchesOnly(torch.utils.data.Dataset):
+    """The predictor's dataset, except that a photo is not decoded here (its row comes from its tiles in
+    ``predict_step``, which decodes it once): its item is only its index. Batches are ``(Batch, photo indices)``."""
+
+    def __init__(self, dataset, photo: Sequence[bool]):
+        self.dataset, self.photo = dataset, list(photo)
+
+    def __len__(self) -> int:
+        return len(self.photo)
+
+    def __getitem__(self, i: int):
+        return i if self.photo[i] else self.dataset[i]
+
+    @staticmethod
+    def collate(collate):
+        def split(items: list):
+            return collate([it for it in items if not isinstance(it, int)]), [it for it in items if isinstance(it, int)]
+        return split
 
 
 class ShardWriter(BasePredictionWriter):
