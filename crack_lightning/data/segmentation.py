@@ -66,8 +66,10 @@ def split_photos(photos: list[Photo], tiles: list[Record], val_fraction: float, 
     of_tiles = {r.path: r.split for r in split_records(tiles, val_fraction, test_fraction, seed)}
     out: dict[str, list[Photo]] = {"train": [], "val": [], "test": []}
     for p in photos:
-        name = "test" if p.source in holdout else of_tiles.get(p.image, "train")
-        out["train" if holdout and name == "test" and p.source not in holdout else name].append(p)
+        name = of_tiles.get(p.image, "train")
+        if holdout:
+            name = "test" if p.source in holdout else "train" if name == "test" else name
+        out[name].append(p)
     for name, part in out.items():
         if not part:
             raise DataError(f"segmentation split '{name}' is empty: add photos or change the fractions")
