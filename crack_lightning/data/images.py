@@ -42,6 +42,11 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
+def list_images(folder: Path) -> list[Path]:
+    """Image files under ``folder`` (recursive), sorted for reproducibility."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p))
+
+
 Source = Union[str, Path, bytes]
 
 

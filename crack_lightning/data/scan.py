@@ -8,16 +8,11 @@ from typing import Sequence
 from tqdm.auto import tqdm
 
 from crack_lightning.config.schema import DataConfig
-from crack_lightning.data.images import decode_image, is_image_file
+from crack_lightning.data.images import decode_image, list_images
 from crack_lightning.data.records import SPLITS, Record
 from crack_lightning.data.tiles import TileRule, is_mask_root, scan_mask_root
 from crack_lightning.errors import BadImageError, DataError
 from crack_lightning.files import sha256_file
-
-
-def list_images(folder: Path) -> list[Path]:
-    """Image files under ``folder`` (recursive), sorted for reproducibility."""
-    return sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p))
 
 
 def _class_dirs(root: Path, class_names: Sequence[str], where: str) -> list[Path]:

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from crack_lightning.contract import Preprocessing
-from crack_lightning.data.images import decode_image, is_image_file
+from crack_lightning.data.images import decode_image, is_image_file, list_images
 from crack_lightning.data.loaders import make_loader
 from crack_lightning.data.records import Record
 from crack_lightning.data.split import split_records
@@ -83,7 +83,7 @@ def scan_negatives(folders: Sequence[str | Path], limit: int, seed: int) -> list
     for folder in map(Path, folders):
         if not folder.is_dir():
             raise DataError(f"segment.negatives: {folder} is not a folder")
-        found = sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p))
+        found = list_images(folder)
         if not found:
             raise DataError(f"segment.negatives: no images under {folder}")
         files += [(folder.name, p) for p in found]

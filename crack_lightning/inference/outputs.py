@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from crack_lightning.data.images import is_image_file
+from crack_lightning.data.images import is_image_file, list_images
 from crack_lightning.errors import InputError
 
 RELEASE_NAME = "crack_lite0.pt"
@@ -49,7 +49,7 @@ def collect_inputs(inputs: Sequence[str]) -> list[Path]:
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            matches = [q for q in sorted(p.rglob("*")) if q.is_file() and is_image_file(q)]
+            matches = list_images(p)
         elif p.is_file():
             matches = [p]
         else:
