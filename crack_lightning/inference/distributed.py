@@ -43,12 +43,9 @@ class PredictModule(L.LightningModule):
         self.predictor = Predictor(**{**self.predictor_kwargs, "device": name})
 
     def predict_dataloader(self):
-        from crack_lightning.data.loaders import make_loader
-
         photo = [is_photo(p) for p in self.paths]  # headers only
-        return make_loader(PatchesOnly(self.predictor.dataset(self.paths), photo), self.predictor.batch_size,
-                           self.predictor.num_workers, collate_fn=PatchesOnly.collate(self.predictor.collate),
-                           pin_memory=self.predictor.on_gpu, prefetch_factor=4)
+        return self.predictor.loader(self.paths, PatchesOnly(self.predictor.dataset(self.paths), photo),
+                                     PatchesOnly.collate(self.predictor.collate))
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         return batch  # the predictor moves its inputs itself (uint8 to the GPU, or stays on the host for ONNX)

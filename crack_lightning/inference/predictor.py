@@ -246,12 +246,13 @@ class Predictor:
         """``paths`` as this model's input items; an unreadable file becomes an error item."""
         return ImageDataset(paths, self.transform, tolerant=True, max_pixels=max_pixels)
 
-    def loader(self, paths: Sequence[Path]) -> DataLoader:
-        """:class:`Batch` es of ``paths``, in order, ready for :meth:`probabilities`."""
+    def loader(self, paths: Sequence[Path], dataset=None, collate_fn=None) -> DataLoader:
+        """:class:`Batch` es of ``paths``, in order, ready for :meth:`probabilities` (``dataset`` and ``collate_fn``:
+        a wrapper of :meth:`dataset` over the same paths, and its collate)."""
         # one batch or less: a worker process costs more (its start) than it overlaps
         workers = 0 if len(paths) <= self.batch_size else self.num_workers
-        return make_loader(self.dataset(paths), self.batch_size, workers,
-                           collate_fn=self.collate, pin_memory=self.on_gpu, prefetch_factor=4)
+        return make_loader(dataset or self.dataset(paths), self.batch_size, workers,
+                           collate_fn=collate_fn or self.collate, pin_memory=self.on_gpu, prefetch_factor=4)
 
     def iter_rows(self, paths: Sequence[str | Path] | str | Path, progress: bool | None = None) -> Iterator[Row]:
         """One row per path, in order. One batch stays in flight: a GPU computes it while
